@@ -1,0 +1,85 @@
+"""Training-time augmentation of the resized gray image (numpy + PIL, no torch).
+
+``study`` mirrors the paper's Keras ImageDataGenerator settings (rotation,
+width/height shift, shear, zoom, horizontal flip); ``default`` is milder and
+keeps left/right anatomy (the heart is on the left), plus brightness/contrast.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    rotation: float = 0.0  # degrees, +-
+    shift: float = 0.0  # fraction of width/height, +-
+    shear: float = 0.0  # degrees, +-
+    zoom: float = 0.0  # +- fraction
+    hflip: bool = False
+    brightness: float = 0.0  # +- additive
+    contrast: float = 0.0  # +- multiplicative
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS = {
+    "none": AugmentConfig(),
+    "study": AugmentConfig(rotation=20, shift=0.2, shear=11.5, zoom=0.2, hflip=True),
+    "default": AugmentConfig(rotation=10, shift=0.08, shear=5, zoom=0.12, brightness=0.08, contrast=0.15),
+}
+
+
+def parse_augment(spec: str) -> AugmentConfig:
+    """A preset name, or key=value pairs: ``rotation=15,shift=0.1,hflip=1``."""
+    if spec in PRESETS:
+        return PRESETS[spec]
+    kwargs = {}
+    for item in spec.split(","):
+        if "=" not in item:
+            raise ValueError(f"augmentation {spec!r}: use a preset ({', '.join(PRESETS)}) or key=value pairs")
+        k, v = item.split("=", 1)
+        k = k.strip()
+        if k not in AugmentConfig.__dataclass_fields__:
+            raise ValueError(f"unknown augmentation parameter {k!r}")
+        kwargs[k] = v.strip().lower() in ("1", "true", "yes") if k == "hflip" else float(v)
+    return AugmentConfig(**kwargs)
+
+
+class Augmenter:
+    """Callable passed to ``preprocess(..., augment=...)``; seeded per worker."""
+
+    def __init__(self, cfg: AugmentConfig, seed: int | None = None):
+        self.cfg = cfg
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        c, rng = self.cfg, self.rng
+        h, w = x.shape
+        if c.rotation or c.shift or c.shear or c.zoom:
+            angle = math.radians(rng.uniform(-c.rotation, c.rotation))
+            shear = math.radians(rng.uniform(-c.shear, c.shear))
+            zoom = rng.uniform(1 - c.zoom, 1 + c.zoom)
+            tx = rng.uniform(-c.shift, c.shift) * w
+            ty = rng.uniform(-c.shift, c.shift) * h
+            # inverse map (output -> input) about the image centre, as PIL expects
+            cos, sin = math.cos(angle), math.sin(angle)
+            a, b = cos / zoom, (sin + math.tan(shear) * cos) / zoom
+            d, e = -sin / zoom, (cos - math.tan(shear) * sin) / zoom
+            cx, cy = w / 2, h / 2
+            coeffs = (a, b, cx - a * cx - b * cy - tx, d, e, cy - d * cx - e * cy - ty)
+            img = Image.fromarray(x.astype(np.float32), mode="F")
+            x = np.asarray(img.transform((w, h), Image.AFFINE, coeffs, resample=Image.BILINEAR, fill=0), dtype=np.float32)
+        if c.hflip and rng.random() < 0.5:
+            x = x[:, ::-1]
+        if c.contrast:
+            m = float(x.mean())
+            x = (x - m) * rng.uniform(1 - c.contrast, 1 + c.contrast) + m
+        if c.brightness:
+            x = x + rng.uniform(-c.brightness, c.brightness)
+        return np.ascontiguousarray(x, dtype=np.float32)

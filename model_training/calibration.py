@@ -1,0 +1,38 @@
+"""Temperature scaling and expected calibration error."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax, softmax
+
+
+def nll(logits: np.ndarray, y: np.ndarray, temperature: float = 1.0) -> float:
+    return float(-log_softmax(logits / temperature, axis=1)[np.arange(len(y)), y].mean())
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """The temperature T minimising validation NLL of softmax(logits / T)."""
+    if len(y) == 0:
+        return 1.0
+    res = minimize_scalar(lambda t: nll(logits, y, t), bounds=(0.05, 20.0), method="bounded")
+    return float(res.x)
+
+
+def expected_calibration_error(probs: np.ndarray, y: np.ndarray, n_bins: int = 15) -> float:
+    """ECE of the top-class confidence, equal-width bins."""
+    if len(y) == 0:
+        return float("nan")
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == y).astype(float)
+    bins = np.linspace(0, 1, n_bins + 1)
+    ece = 0.0
+    for lo, hi in zip(bins[:-1], bins[1:]):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
+    return float(ece)
+
+
+def calibrated_probs(logits: np.ndarray, temperature: float) -> np.ndarray:
+    return softmax(logits / temperature, axis=1)

@@ -1,0 +1,117 @@
+"""Command line: ``python -m model_training {train,evaluate,compare,archs}``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+
+def _add_train_args(p: argparse.ArgumentParser, compare: bool = False) -> None:
+    from .train import TrainConfig
+
+    d = TrainConfig()
+    if not compare:
+        p.add_argument("--data", action="append", help="data spec: regime (public, adult, mix, covid, radiography), CSV manifest or folder; repeat or join with '+' (default public)")
+        p.add_argument("--arch", default=d.arch, help=f"architecture (default {d.arch}); see `archs`")
+        p.add_argument("--epochs", type=int, default=d.epochs)
+        p.add_argument("--out", default=d.out, help="run folder")
+    p.add_argument("--pretrained", default=d.pretrained, help="imagenet | none | PATH to a state dict or checkpoint")
+    p.add_argument("--img-size", type=int, default=None, help="square input size (default: the architecture's native size)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr, help="learning rate of the new head")
+    p.add_argument("--backbone-lr", type=float, default=d.backbone_lr, help="learning rate of fine-tuned blocks")
+    p.add_argument("--freeze-epochs", type=int, default=None, help="epochs with the backbone frozen (feature extractor); default 1 when pretrained")
+    p.add_argument("--finetune-blocks", type=int, default=d.finetune_blocks, help="top backbone blocks to fine-tune after the frozen phase (-1 all, 0 none)")
+    p.add_argument("--augment", default=d.augment, help="none | study | default | key=value,... (rotation, shift, shear, zoom, hflip, brightness, contrast)")
+    p.add_argument("--balance", choices=["weights", "sampler", "none"], default=d.balance, help="class imbalance: loss weights or balanced sampling")
+    p.add_argument("--patience", type=int, default=d.patience, help="early stopping patience (epochs) on validation loss")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--limit", type=int, default=None, help="at most this many images per split (quick runs)")
+    p.add_argument("--samples-per-epoch", type=int, default=None)
+    p.add_argument("--val-frac", type=float, default=d.val_frac)
+    p.add_argument("--test-frac", type=float, default=d.test_frac)
+    p.add_argument("--workers", type=int, default=d.workers, help="data loading processes")
+    p.add_argument("--skip-unreadable", action="store_true", help="leave out images that cannot be decoded instead of stopping")
+    p.add_argument("--uncertain-threshold", type=float, default=d.uncertain_threshold)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _config(args, **over):
+    from .train import TrainConfig
+
+    cfg = TrainConfig(
+        data=getattr(args, "data", None) or ["public"], arch=getattr(args, "arch", "efficientnet_lite0"),
+        epochs=getattr(args, "epochs", 5), out=getattr(args, "out", "runs/latest"),
+        pretrained=args.pretrained, img_size=args.img_size, batch_size=args.batch_size, lr=args.lr,
+        backbone_lr=args.backbone_lr, freeze_epochs=args.freeze_epochs, finetune_blocks=args.finetune_blocks,
+        augment=args.augment, balance=args.balance, patience=args.patience, seed=args.seed, limit=args.limit,
+        samples_per_epoch=args.samples_per_epoch, val_frac=args.val_frac, test_frac=args.test_frac,
+        workers=args.workers, skip_unreadable=args.skip_unreadable, uncertain_threshold=args.uncertain_threshold,
+        progress=not args.no_progress, command="python -m model_training " + shlex.join(sys.argv[1:]),
+    )
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m model_training", description="Train, evaluate and compare chest X-ray classifiers.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    _add_train_args(sub.add_parser("train", help="train one model and export it to ONNX"))
+    ev = sub.add_parser("evaluate", help="metrics of an exported model on a data spec")
+    ev.add_argument("--model", required=True, help="model file (.onnx; .keras/.h5 with the keras extra)")
+    ev.add_argument("--data", action="append", required=True)
+    ev.add_argument("--split", default="auto", help="auto (test split if the data has one, else all) | all | train | val | test")
+    ev.add_argument("--json", action="store_true", help="print metrics as JSON")
+    ev.add_argument("--out", default=None, help="folder for metrics.json and plots")
+    ev.add_argument("--no-progress", action="store_true")
+    cp = sub.add_parser("compare", help="train the grid of architectures x regimes and write the study's tables")
+    cp.add_argument("--archs", default="vgg16,inception_v3,efficientnet_lite0")
+    cp.add_argument("--regimes", default="public,adult,mix")
+    cp.add_argument("--epochs", type=int, default=None, help="override the study's epochs per regime (5/10/10)")
+    cp.add_argument("--out", default="runs/compare")
+    _add_train_args(cp, compare=True)
+    sub.add_parser("archs", help="list registered architectures")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .architectures import UnknownArchitecture
+    from .datasets import DataError
+    from .preflight import UnreadableImages
+    from .pretrained import PretrainedError
+    from .splits import SplitError
+
+    try:
+        if args.cmd == "archs":
+            from .architectures import REGISTRY
+
+            for s in REGISTRY.values():
+                print(f"{s.name:20s} {s.input_size}px  {s.description}")
+            print("(and any timm model name)")
+        elif args.cmd == "train":
+            from .train import train
+
+            train(_config(args))
+        elif args.cmd == "evaluate":
+            from .evaluate import evaluate, format_report
+            from uplink_server.model import ModelNotFound
+
+            try:
+                res = evaluate(args.model, args.data, args.split, args.out, progress=not args.no_progress)
+            except ModelNotFound as exc:
+                raise DataError(str(exc)) from None
+            print(json.dumps(res, indent=2) if args.json else format_report(res))
+        elif args.cmd == "compare":
+            from .compare import compare
+
+            compare([a.strip() for a in args.archs.split(",")], [r.strip() for r in args.regimes.split(",")],
+                    Path(args.out), _config(args), args.epochs)
+    except (DataError, UnreadableImages, UnknownArchitecture, PretrainedError, SplitError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,118 @@
+"""Evaluate any exported model (ONNX, or Keras with the extra) on any data spec,
+through the server's own loading and preprocessing code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from uplink_server.errors import Refusal
+from uplink_server.imaging import decode
+from uplink_server.model import Classifier
+
+from . import plots
+from .datasets import check_files, load_spec
+from .metrics import binary_operating_point, compute_metrics, metrics_by_group, summary_line
+
+
+def select_split(records, split: str):
+    if split == "all":
+        return records
+    if split == "auto":
+        test = [r for r in records if r.split == "test"]
+        return test or records
+    return [r for r in records if r.split == split]
+
+
+def evaluate(model_path: str | Path, data: list[str], split: str = "auto", out: Path | None = None,
+             batch_size: int = 32, progress: bool = True) -> dict:
+    clf = Classifier(model_path)
+    records = []
+    for spec in data:
+        records.extend(load_spec(spec))
+    records = select_split(records, split)
+    if not records:
+        raise ValueError(f"no images in split {split!r} of {data}")
+    check_files(records)
+    unknown = sorted({r.label for r in records} - set(clf.classes))
+    if unknown:
+        raise ValueError(f"the data has classes the model does not know: {unknown} (model classes: {clf.classes})")
+    logits, embs, y, kept, unreadable = [], [], [], [], []
+    batch, batch_recs = [], []
+
+    def flush():
+        lg, _, emb = clf.run(np.stack(batch))
+        logits.append(lg)
+        if emb is not None:
+            embs.append(emb)
+        kept.extend(batch_recs)
+        batch.clear()
+        batch_recs.clear()
+
+    for r in tqdm(records, desc="evaluate", disable=not progress):
+        try:
+            batch.append(clf.preprocess(decode(r.path)))
+        except Refusal as exc:
+            unreadable.append({"path": r.path, "reason": exc.message})
+            continue
+        batch_recs.append(r)
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    logits = np.concatenate(logits)
+    probs = clf.probabilities(logits)
+    y = np.array([clf.classes.index(r.label) for r in kept])
+    res = compute_metrics(y, probs, clf.classes)
+    res["by_source"] = metrics_by_group(y, probs, clf.classes, [r.source for r in kept])
+    res["by_age_group"] = metrics_by_group(y, probs, clf.classes, [r.age_group for r in kept])
+    res["unreadable"] = unreadable
+    res["model"] = {"name": clf.name, "version": clf.version, "path": str(model_path)}
+    res["data"] = {"specs": data, "split": split}
+    labels = set(r.label for r in kept)
+    if "normal" in clf.classes and labels <= {"normal", "pneumonia"} and len(labels) == 2:
+        # Kermany's question: normal vs abnormal (any other class counts as abnormal)
+        p_abn = 1 - probs[:, clf.classes.index("normal")]
+        y_abn = (y != clf.classes.index("normal")).astype(int)
+        op = binary_operating_point(y_abn, p_abn)
+        op["accuracy_at_0.5"] = float(((p_abn >= 0.5).astype(int) == y_abn).mean())
+        res["normal_vs_abnormal"] = op
+    if "covid19" in labels and len(labels) > 1:
+        k = clf.classes.index("covid19")
+        res["covid19_vs_rest"] = binary_operating_point((y == k).astype(int), probs[:, k])
+    if embs and clf.gate is not None:
+        scores = clf.gate.score(np.concatenate(embs))
+        res["ood_refusal_rate"] = float((scores > clf.gate.threshold).mean())
+    if out:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(res, indent=2))
+        plots.confusion(res["confusion_matrix"], clf.classes, out / "confusion_matrix.png", "evaluation")
+        plots.roc(y, probs, clf.classes, out / "roc.png", "evaluation")
+    return res
+
+
+def format_report(res: dict) -> str:
+    lines = [f"model {res['model']['name']} {res['model']['version']} on {'+'.join(res['data']['specs'])} ({res['data']['split']})",
+             summary_line(res)]
+    for c, pc in res["per_class"].items():
+        if pc["support"]:
+            lines.append(f"  {c:10s} sens={pc['sensitivity']:.4f} spec={pc['specificity'] if pc['specificity'] is None else round(pc['specificity'], 4)} "
+                         f"prec={pc['precision']:.4f} f1={pc['f1']:.4f} auc={pc['roc_auc'] if pc['roc_auc'] is None else round(pc['roc_auc'], 4)} n={pc['support']}")
+    for key in ("normal_vs_abnormal", "covid19_vs_rest"):
+        if key in res and res[key].get("roc_auc") is not None:
+            op = res[key]
+            extra = f" acc@0.5={op['accuracy_at_0.5']:.4f}" if "accuracy_at_0.5" in op else ""
+            lines.append(f"  {key}: auc={op['roc_auc']:.4f} sens={op['sensitivity']:.4f} at spec={op['specificity']:.4f}{extra}")
+    for src, m in res["by_source"].items():
+        lines.append(f"  source {src}: n={m['n']} acc={m['accuracy']:.4f}")
+    if "ood_refusal_rate" in res:
+        lines.append(f"  would refuse as not a chest X-ray: {res['ood_refusal_rate']:.2%}")
+    if res["unreadable"]:
+        lines.append(f"  unreadable: {len(res['unreadable'])}")
+    lines.append("confusion matrix (rows true, columns predicted " + "/".join(res["classes"]) + "):")
+    lines += ["  " + " ".join(f"{v:5d}" for v in row) for row in res["confusion_matrix"]]
+    return "\n".join(lines)

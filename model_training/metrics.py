@@ -1,0 +1,105 @@
+"""Classification metrics per split and per data source (scikit-learn)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    log_loss,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
+
+from .calibration import expected_calibration_error
+
+
+def _safe_auc(y_bin: np.ndarray, score: np.ndarray) -> float | None:
+    if y_bin.min() == y_bin.max():
+        return None  # AUC is undefined with one class present
+    return float(roc_auc_score(y_bin, score))
+
+
+def compute_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
+    """All the study's metrics and more for integer labels ``y`` and probabilities."""
+    y = np.asarray(y, dtype=int)
+    probs = np.asarray(probs, dtype=np.float64)
+    k = len(classes)
+    pred = probs.argmax(axis=1)
+    labels = list(range(k))
+    prec, rec, f1, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    cm = confusion_matrix(y, pred, labels=labels)
+    per_class = {}
+    aucs = []
+    for i, c in enumerate(classes):
+        tn = cm.sum() - cm[i, :].sum() - cm[:, i].sum() + cm[i, i]
+        fp = cm[:, i].sum() - cm[i, i]
+        auc = _safe_auc((y == i).astype(int), probs[:, i])
+        if auc is not None:
+            aucs.append(auc)
+        per_class[c] = {
+            "precision": float(prec[i]),
+            "recall": float(rec[i]),  # = sensitivity
+            "sensitivity": float(rec[i]),
+            "specificity": float(tn / (tn + fp)) if (tn + fp) else None,
+            "f1": float(f1[i]),
+            "roc_auc": auc,
+            "support": int(support[i]),
+        }
+    present = [i for i in labels if support[i] > 0]
+    p = np.clip(probs, 1e-12, 1)
+    p = p / p.sum(axis=1, keepdims=True)
+    return {
+        "n": int(len(y)),
+        "accuracy": float(accuracy_score(y, pred)),
+        "loss": float(log_loss(y, p, labels=labels)),
+        "precision_macro": float(np.mean([prec[i] for i in present])) if present else None,
+        "recall_macro": float(np.mean([rec[i] for i in present])) if present else None,
+        "f1_macro": float(f1_score(y, pred, labels=present, average="macro", zero_division=0)) if present else None,
+        "roc_auc_macro": float(np.mean(aucs)) if aucs else None,
+        "ece": expected_calibration_error(probs, y),
+        "per_class": per_class,
+        "confusion_matrix": cm.tolist(),
+        "classes": list(classes),
+    }
+
+
+def metrics_by_group(y, probs, classes, groups: list[str]) -> dict:
+    """The same metrics on each subset sharing a group value (source, age group)."""
+    idx = defaultdict(list)
+    for i, g in enumerate(groups):
+        idx[g or "unknown"].append(i)
+    y, probs = np.asarray(y), np.asarray(probs)
+    return {g: compute_metrics(y[ii], probs[ii], classes) for g, ii in sorted(idx.items())}
+
+
+def binary_operating_point(y_pos: np.ndarray, score: np.ndarray, min_specificity: float = 0.95) -> dict:
+    """Sensitivity at the threshold giving at least ``min_specificity`` (e.g. COVID-19 vs rest)."""
+    from sklearn.metrics import roc_curve
+
+    y_pos = np.asarray(y_pos).astype(int)
+    if y_pos.min() == y_pos.max():
+        return {"n": int(len(y_pos)), "roc_auc": None, "note": "one class only"}
+    fpr, tpr, thr = roc_curve(y_pos, score)
+    ok = (1 - fpr) >= min_specificity
+    best = int(np.argmax(np.where(ok, tpr, -1)))
+    return {
+        "n": int(len(y_pos)),
+        "positives": int(y_pos.sum()),
+        "roc_auc": float(roc_auc_score(y_pos, score)),
+        "min_specificity": min_specificity,
+        "threshold": float(thr[best]),
+        "sensitivity": float(tpr[best]),
+        "specificity": float(1 - fpr[best]),
+    }
+
+
+def summary_line(m: dict) -> str:
+    auc = m.get("roc_auc_macro")
+    return (
+        f"n={m['n']} acc={m['accuracy']:.4f} loss={m['loss']:.4f} f1_macro={m['f1_macro'] or 0:.4f} "
+        f"auc_macro={auc if auc is None else round(auc, 4)} ece={m['ece']:.4f}"
+    )

@@ -1,0 +1,328 @@
+"""Training: transfer learning with a frozen phase, then optional fine-tuning."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomSampler
+from tqdm import tqdm
+
+from uplink_server.errors import Refusal
+from uplink_server.imaging import decode
+from uplink_server.ood import fit_gate
+from uplink_server.preprocessing import PreprocessSpec, preprocess
+
+from . import plots
+from .architectures import DEFAULT_ARCH, create_model
+from .augmentation import Augmenter, parse_augment
+from .calibration import calibrated_probs, expected_calibration_error, fit_temperature
+from .datasets import DataError, Record, check_files, load_spec, write_manifest
+from .export import export_onnx
+from .labels import classes_present
+from .metrics import compute_metrics, metrics_by_group, summary_line
+from .model_card import build_card, write_card
+from .preflight import UnreadableImages, hash_images
+from .splits import find_near_duplicates, limit_records, make_splits, summarize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    data: list[str] = field(default_factory=lambda: ["public"])
+    arch: str = DEFAULT_ARCH
+    epochs: int = 5
+    out: str = "runs/latest"
+    pretrained: str = "imagenet"
+    img_size: int | None = None  # default: the architecture's native size
+    batch_size: int = 32
+    lr: float = 1e-3  # head
+    backbone_lr: float = 1e-4  # fine-tuned blocks
+    weight_decay: float = 1e-4
+    freeze_epochs: int | None = None  # default: 1 when pretrained, else 0
+    finetune_blocks: int = -1  # top blocks unfrozen after the frozen phase; -1 all, 0 none
+    augment: str = "default"
+    balance: str = "weights"  # weights | sampler | none
+    patience: int = 3
+    seed: int = 0
+    limit: int | None = None  # images per split, for quick runs
+    samples_per_epoch: int | None = None
+    val_frac: float = 0.1
+    test_frac: float = 0.15
+    workers: int = 1
+    skip_unreadable: bool = False
+    uncertain_threshold: float = 0.5
+    dropout: float = 0.2
+    progress: bool = True
+    command: str = ""
+
+
+class XrayDataset(Dataset):
+    def __init__(self, records: list[Record], classes: list[str], spec: PreprocessSpec, augment=None, seed: int = 0):
+        self.records = records
+        self.index = {c: i for i, c in enumerate(classes)}
+        self.spec = spec
+        self.augment_cfg = augment
+        self.seed = seed
+        self._aug = None
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        r = self.records[i]
+        if self.augment_cfg is not None and self._aug is None:
+            info = torch.utils.data.get_worker_info()
+            self._aug = Augmenter(self.augment_cfg, seed=self.seed * 1000 + (info.id if info else 0) + int(time.time()))
+        try:
+            gray = decode(r.path).gray
+        except Refusal as exc:
+            raise DataError(f"{r.path}: {exc.message}") from None
+        x = preprocess(gray, self.spec, self._aug)
+        return torch.from_numpy(x), self.index[r.label]
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _set_trainable(model, phase: str, finetune_blocks: int) -> list[dict]:
+    """Freeze/unfreeze and return optimizer parameter groups for the phase."""
+    for p in model.backbone.parameters():
+        p.requires_grad = False
+    groups = [{"params": list(model.classifier.parameters()), "name": "head"}]
+    if phase == "finetune" and finetune_blocks != 0:
+        blocks = model.backbone_blocks()
+        chosen = blocks if finetune_blocks < 0 else blocks[-finetune_blocks:]
+        params = []
+        for b in chosen:
+            for p in b.parameters():
+                p.requires_grad = True
+                params.append(p)
+        if finetune_blocks < 0:  # everything, including modules outside the listed blocks
+            for p in model.backbone.parameters():
+                if not p.requires_grad:
+                    p.requires_grad = True
+                    params.append(p)
+        groups.append({"params": params, "name": "backbone"})
+    return groups
+
+
+def _keep_frozen_bn_eval(model) -> None:
+    # BatchNorm statistics of frozen layers stay those of ImageNet
+    for m in model.backbone.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+            m.eval()
+
+
+@torch.no_grad()
+def predict_all(model, loader, progress=False, desc="predict"):
+    model.eval()
+    logits, embs, ys = [], [], []
+    for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        lg, _, emb = model.forward_all(x)
+        logits.append(lg.numpy())
+        embs.append(emb.numpy())
+        ys.append(y.numpy())
+    if not logits:
+        return np.zeros((0, 0)), np.zeros((0, 0)), np.zeros((0,), int)
+    return np.concatenate(logits), np.concatenate(embs), np.concatenate(ys)
+
+
+def prepare_data(cfg: TrainConfig, out: Path) -> tuple[list[Record], list[str], dict]:
+    records = []
+    for spec in cfg.data:
+        records.extend(load_spec(spec))
+    if not records:
+        raise DataError("no labelled images in " + ", ".join(cfg.data))
+    check_files(records)
+    records = make_splits(records, cfg.val_frac, cfg.test_frac, cfg.seed)
+    if cfg.limit:
+        records = limit_records(records, cfg.limit, cfg.seed)
+    hashes, bad = hash_images(records, workers=max(1, os.cpu_count() or 1), progress=cfg.progress)
+    if bad:
+        if not cfg.skip_unreadable:
+            raise UnreadableImages(bad)
+        bad_paths = {p for p, _ in bad}
+        keep = [i for i, r in enumerate(records) if r.path not in bad_paths]
+        records, hashes = [records[i] for i in keep], hashes[keep]
+    dups = find_near_duplicates(records, hashes)
+    classes = list(classes_present(r.label for r in records))
+    if len(classes) < 2:
+        raise DataError(f"need at least two classes, found {classes}")
+    for s in ("train", "val"):
+        if not any(r.split == s for r in records):
+            raise DataError(f"no images in the {s} split (set --val-frac, or add data)")
+    write_manifest(records, out / "splits.csv")
+    with open(out / "near_duplicates.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path_a", "split_a", "path_b", "split_b", "hamming_distance"])
+        for d in dups:
+            w.writerow([d.a, d.split_a, d.b, d.split_b, d.distance])
+    info = {"splits": summarize(records), "near_duplicates_across_splits": len(dups), "unreadable_skipped": len(bad)}
+    return records, classes, info
+
+
+def train(cfg: TrainConfig) -> Path:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _seed_all(cfg.seed)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    t_start = time.time()
+    records, classes, data_info = prepare_data(cfg, out)
+    model, arch = create_model(cfg.arch, len(classes), cfg.pretrained, cfg.dropout)
+    size = cfg.img_size or arch.input_size
+    spec = PreprocessSpec(size=(size, size))
+    aug_cfg = parse_augment(cfg.augment)
+    by_split = {s: [r for r in records if r.split == s] for s in ("train", "val", "test")}
+    train_ds = XrayDataset(by_split["train"], classes, spec, aug_cfg if cfg.augment != "none" else None, cfg.seed)
+    eval_ds = {s: XrayDataset(by_split[s], classes, spec) for s in ("val", "test") if by_split[s]}
+
+    counts = np.bincount([classes.index(r.label) for r in by_split["train"]], minlength=len(classes)).astype(float)
+    n_samples = cfg.samples_per_epoch or len(train_ds)
+    if cfg.balance == "sampler":
+        w = (1.0 / np.maximum(counts, 1))[[classes.index(r.label) for r in by_split["train"]]]
+        sampler = WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), n_samples, replacement=True)
+        class_weights = None
+    else:
+        sampler = RandomSampler(train_ds, num_samples=n_samples if cfg.samples_per_epoch else None)
+        class_weights = None
+        if cfg.balance == "weights":
+            cw = counts.sum() / np.maximum(counts, 1) / len(classes)
+            class_weights = torch.as_tensor(cw, dtype=torch.float32)
+    loader_kw = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, persistent_workers=cfg.workers > 0)
+    train_loader = DataLoader(train_ds, sampler=sampler, drop_last=len(train_ds) > cfg.batch_size, **loader_kw)
+    eval_loaders = {s: DataLoader(ds, shuffle=False, **loader_kw) for s, ds in eval_ds.items()}
+    criterion = nn.CrossEntropyLoss(weight=class_weights)
+    val_criterion = nn.CrossEntropyLoss()
+
+    freeze_epochs = cfg.freeze_epochs if cfg.freeze_epochs is not None else (1 if cfg.pretrained != "none" else 0)
+    if cfg.pretrained == "none" and cfg.finetune_blocks == 0:
+        raise DataError("--pretrained none with --finetune-blocks 0 would train only a linear layer on random features")
+    history, best_loss, best_epoch, bad_epochs = [], math.inf, 0, 0
+    phase, optimizer, scheduler = None, None, None
+    ckpt = out / "best.pt"
+    for epoch in range(1, cfg.epochs + 1):
+        want = "frozen" if epoch <= freeze_epochs or cfg.finetune_blocks == 0 else "finetune"
+        if want != phase:
+            phase = want
+            groups = _set_trainable(model, phase, cfg.finetune_blocks)
+            for g in groups:
+                g["lr"] = cfg.lr if g["name"] == "head" else cfg.backbone_lr
+            optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+            remaining = (freeze_epochs if phase == "frozen" else cfg.epochs - epoch + 1) * max(1, len(train_loader))
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=[g["lr"] for g in groups], total_steps=max(2, remaining), pct_start=0.15
+            )
+        model.train()
+        _keep_frozen_bn_eval(model)
+        t_ep = time.time()
+        tot_loss, tot_ok, tot_n = 0.0, 0, 0
+        bar = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.epochs} [{phase}]", disable=not cfg.progress)
+        for x, y in bar:
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(x)
+            loss = criterion(logits, y)
+            loss.backward()
+            optimizer.step()
+            try:
+                scheduler.step()
+            except ValueError:  # stepping past the schedule's end on the last partial batch
+                pass
+            tot_loss += float(loss) * len(y)
+            tot_ok += int((logits.argmax(1) == y).sum())
+            tot_n += len(y)
+            bar.set_postfix(loss=f"{tot_loss / tot_n:.4f}", acc=f"{tot_ok / tot_n:.3f}")
+        vl, _, vy = predict_all(model, eval_loaders["val"], cfg.progress, "validate")
+        val_loss = float(val_criterion(torch.from_numpy(vl), torch.from_numpy(vy)))
+        val_acc = float((vl.argmax(1) == vy).mean())
+        history.append({
+            "epoch": epoch, "phase": phase, "train_loss": tot_loss / max(tot_n, 1), "train_accuracy": tot_ok / max(tot_n, 1),
+            "val_loss": val_loss, "val_accuracy": val_acc, "seconds": round(time.time() - t_ep, 1),
+        })
+        print(f"epoch {epoch}: train_loss={history[-1]['train_loss']:.4f} train_acc={history[-1]['train_accuracy']:.4f} "
+              f"val_loss={val_loss:.4f} val_acc={val_acc:.4f} ({history[-1]['seconds']}s)", flush=True)
+        with open(out / "history.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(history[0]))
+            w.writeheader()
+            w.writerows(history)
+        if val_loss < best_loss - 1e-4:
+            best_loss, best_epoch, bad_epochs = val_loss, epoch, 0
+            torch.save({"state_dict": model.state_dict(), "classes": classes, "arch": cfg.arch, "epoch": epoch,
+                        "config": asdict(cfg)}, ckpt)
+        else:
+            bad_epochs += 1
+            if bad_epochs >= cfg.patience:
+                print(f"early stopping: validation loss has not improved for {cfg.patience} epochs (best epoch {best_epoch})")
+                break
+    train_minutes = (time.time() - t_start) / 60
+    model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"])
+    model.eval()
+    plots.learning_curves(history, out / "learning_curves.png")
+    return finalize(model, cfg, out, classes, spec, aug_cfg, records, by_split, eval_loaders, history, best_epoch,
+                    train_minutes, data_info, arch, loader_kw)
+
+
+def finalize(model, cfg, out, classes, spec, aug_cfg, records, by_split, eval_loaders, history, best_epoch,
+             train_minutes, data_info, arch, loader_kw) -> Path:
+    """Calibrate, evaluate per split and source, export ONNX, fit the OOD gate, write the card."""
+    outputs = {s: predict_all(model, dl, cfg.progress, f"evaluate {s}") for s, dl in eval_loaders.items()}
+    val_logits, val_emb, val_y = outputs["val"]
+    temperature = fit_temperature(val_logits, val_y)
+    calibration = {
+        "method": "temperature scaling on the validation split",
+        "temperature": temperature,
+        "ece_val_before": expected_calibration_error(calibrated_probs(val_logits, 1.0), val_y),
+        "ece_val_after": expected_calibration_error(calibrated_probs(val_logits, temperature), val_y),
+    }
+    if "test" in outputs:
+        tl, _, ty = outputs["test"]
+        calibration["ece_test_before"] = expected_calibration_error(calibrated_probs(tl, 1.0), ty)
+        calibration["ece_test_after"] = expected_calibration_error(calibrated_probs(tl, temperature), ty)
+    metrics = {}
+    for s, (lg, _, y) in outputs.items():
+        probs = calibrated_probs(lg, temperature)
+        recs = by_split[s]
+        metrics[s] = compute_metrics(y, probs, classes)
+        metrics[s]["by_source"] = metrics_by_group(y, probs, classes, [r.source for r in recs])
+        metrics[s]["by_age_group"] = metrics_by_group(y, probs, classes, [r.age_group for r in recs])
+        print(f"{s}: {summary_line(metrics[s])}")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    final = metrics.get("test", metrics["val"])
+    split_name = "test" if "test" in metrics else "val"
+    plots.confusion(final["confusion_matrix"], classes, out / "confusion_matrix.png", f"{split_name} split")
+    lg, _, y = outputs[split_name]
+    plots.roc(y, calibrated_probs(lg, temperature), classes, out / "roc.png", f"ROC, {split_name} split")
+
+    # OOD gate: fit on (unaugmented) training embeddings, threshold on validation X-rays
+    fit_recs = by_split["train"]
+    if len(fit_recs) > 3000:
+        fit_recs = random.Random(cfg.seed).sample(fit_recs, 3000)
+    fit_loader = DataLoader(XrayDataset(fit_recs, classes, spec), shuffle=False, **loader_kw)
+    _, fit_emb, _ = predict_all(model, fit_loader, cfg.progress, "fit OOD gate")
+    gate = fit_gate(fit_emb, val_emb)
+    gate.save(out / "ood.npz")
+
+    check = np.stack([eval_loaders["val"].dataset[i][0].numpy() for i in range(min(4, len(eval_loaders["val"].dataset)))])
+    export_report = export_onnx(model, out / "model.onnx", spec.size, check_inputs=check)
+    card = build_card(
+        cfg=cfg, arch=arch, classes=classes, spec=spec, aug=aug_cfg, records=records, metrics=metrics,
+        calibration=calibration, history=history, best_epoch=best_epoch, train_minutes=train_minutes,
+        data_info=data_info, export_report=export_report, ood_threshold=gate.threshold,
+    )
+    write_card(card, out / "model_card.json")
+    print(f"run folder: {out}")
+    return out

@@ -1,0 +1,122 @@
+"""``python -m uplink_server {predict,connect,info}``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import NOTICE
+
+
+def _heatmap_path(base: str, file: str, many: bool) -> Path:
+    p = Path(base)
+    return p.with_name(f"{p.stem}-{Path(file).stem}{p.suffix or '.png'}") if many else p
+
+
+def cmd_predict(args) -> int:
+    from .model import Classifier
+
+    clf = Classifier(args.model, threads=args.threads)
+    refused = 0
+    results = []
+    for f in args.files:
+        try:
+            pred = clf.predict(f, heatmap=bool(args.heatmap), check_ood=not args.no_ood)
+        except FileNotFoundError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            refused += 1
+            results.append({"file": f, "refused": True, "refusal": {"code": "not_found", "message": str(exc)}})
+            continue
+        d = pred.to_dict()
+        if args.heatmap and pred.heatmap_png:
+            hp = _heatmap_path(args.heatmap, f, len(args.files) > 1)
+            hp.write_bytes(pred.heatmap_png)
+            d["heatmap"] = str(hp)
+        results.append(d)
+        refused += pred.refused
+        if not args.json:
+            if pred.refused:
+                print(f"{f}: REFUSED ({pred.refusal['code']}): {pred.refusal['message']}  [{pred.elapsed_ms:.0f} ms]")
+            else:
+                probs = "  ".join(f"{c}={p:.3f}" for c, p in pred.probabilities.items())
+                flag = " (uncertain)" if pred.uncertain else ""
+                print(f"{f}: {pred.label}{flag}  {probs}  [{clf.name} {clf.version}, {pred.elapsed_ms:.0f} ms]"
+                      + (f"  heatmap: {d['heatmap']}" if "heatmap" in d else ""))
+    if args.json:
+        print(json.dumps({"results": results, "notice": NOTICE}, indent=2))
+    else:
+        print(NOTICE)
+    return 1 if refused else 0
+
+
+def cmd_connect(args) -> int:
+    from .model import Classifier
+
+    clf = Classifier(args.model, threads=args.threads)
+    if args.anvil_key:
+        from .anvil_uplink import serve
+
+        serve(clf, args.anvil_key, args.anvil_url)
+        return 0
+    if not (args.url and args.key):
+        print("error: connect needs --url and --key (our web app), or --anvil-key (an Anvil app)", file=sys.stderr)
+        return 2
+    import asyncio
+
+    from .uplink import UplinkClient
+
+    client = UplinkClient(args.url, args.key, clf, max_concurrency=args.max_concurrency)
+    try:
+        asyncio.run(client.run_forever())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .model import Classifier
+
+    clf = Classifier(args.model)
+    print(json.dumps({"name": clf.name, "version": clf.version, "classes": clf.classes, "path": str(clf.path),
+                      "preprocessing": clf.spec.to_dict(), "temperature": clf.temperature,
+                      "uncertain_threshold": clf.uncertain_threshold, "ood_gate": clf.gate is not None}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m uplink_server", description="Chest X-ray screening model server. " + NOTICE)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("predict", help="classify image files (JPEG, PNG, BMP, TIFF, WebP, DICOM)")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--model", default=None, help="model file (default: the one in weights/, or $CXR_MODEL)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--heatmap", metavar="OUT.png", help="write the heatmap overlay (several files: OUT-<name>.png)")
+    p.add_argument("--no-ood", action="store_true", help="skip the 'is this a chest X-ray' check")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(fn=cmd_predict)
+    c = sub.add_parser("connect", help="connect out to a web app (ours or Anvil) and serve predictions")
+    c.add_argument("--url", help="our web app, e.g. http://clinic.example:8000")
+    c.add_argument("--key", help="uplink key from the web app's admin page")
+    c.add_argument("--anvil-key", help="an Anvil app's uplink key")
+    c.add_argument("--anvil-url", default=None, help="Anvil server websocket URL (self-hosted Anvil)")
+    c.add_argument("--model", default=None)
+    c.add_argument("--max-concurrency", type=int, default=2)
+    c.add_argument("--threads", type=int, default=None)
+    c.set_defaults(fn=cmd_connect)
+    i = sub.add_parser("info", help="describe the model")
+    i.add_argument("--model", default=None)
+    i.set_defaults(fn=cmd_info)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .model import ModelNotFound
+
+    try:
+        return args.fn(args)
+    except ModelNotFound as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

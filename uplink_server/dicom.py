@@ -1,0 +1,118 @@
+"""DICOM reading (modality/VOI LUT, MONOCHROME1) and de-identification."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from .errors import Refusal
+
+# Modalities that are cross-sectional or otherwise never a chest radiograph.
+NON_RADIOGRAPH_MODALITIES = {"CT", "MR", "US", "NM", "PT", "OT_VIDEO", "XA", "MG", "IVUS", "OCT", "OP", "SM", "ECG"}
+LATERAL_VIEWS = {"LL", "RL", "LATERAL", "LAT", "LLD", "RLD"}
+
+# Attributes that identify a person or an institution (DICOM PS3.15 basic profile, abridged).
+IDENTIFYING_KEYWORDS = [
+    "PatientName", "PatientID", "PatientBirthDate", "PatientBirthTime", "PatientAddress",
+    "PatientTelephoneNumbers", "OtherPatientIDs", "OtherPatientNames", "OtherPatientIDsSequence",
+    "PatientMotherBirthName", "MedicalRecordLocator", "EthnicGroup", "Occupation",
+    "AdditionalPatientHistory", "PatientComments", "ReferringPhysicianName", "PerformingPhysicianName",
+    "NameOfPhysiciansReadingStudy", "OperatorsName", "PhysiciansOfRecord", "RequestingPhysician",
+    "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName", "StationName",
+    "AccessionNumber", "StudyID", "DeviceSerialNumber", "IssuerOfPatientID", "MilitaryRank",
+    "BranchOfService", "PatientInsurancePlanCodeSequence", "RequestAttributesSequence",
+    "StudyDescription", "PerformedProcedureStepDescription",
+]
+
+
+def is_dicom(data: bytes) -> bool:
+    return len(data) >= 132 and data[128:132] == b"DICM"
+
+
+def _pydicom():
+    try:
+        import pydicom
+    except ImportError as exc:  # pragma: no cover - pydicom is a core dependency
+        raise Refusal("unsupported_dicom", "pydicom is not installed; cannot read DICOM") from exc
+    return pydicom
+
+
+def read_dicom(data: bytes) -> tuple[np.ndarray, dict]:
+    """Return (gray float32 image in [0, 1], metadata) from DICOM bytes.
+
+    Applies the modality LUT (rescale slope/intercept), then the VOI LUT or
+    window, and inverts MONOCHROME1 so that bone is always bright.
+    """
+    pydicom = _pydicom()
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except Exception as exc:
+        raise Refusal("corrupt_image", f"Unreadable DICOM file: {exc}") from exc
+
+    meta = {
+        "modality": str(ds.get("Modality", "") or ""),
+        "view_position": str(ds.get("ViewPosition", "") or "").upper(),
+        "photometric": str(ds.get("PhotometricInterpretation", "") or ""),
+        "body_part": str(ds.get("BodyPartExamined", "") or "").upper(),
+    }
+    if meta["modality"].upper() in NON_RADIOGRAPH_MODALITIES:
+        raise Refusal("not_xray_modality", f"DICOM modality {meta['modality']} is not a radiograph.")
+    if meta["view_position"] in LATERAL_VIEWS:
+        raise Refusal("lateral_view")
+    if "PixelData" not in ds:
+        raise Refusal("unsupported_dicom", "The DICOM file holds no image (no PixelData).")
+    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    from .imaging import MAX_PIXELS
+
+    if rows * cols * frames > MAX_PIXELS:
+        raise Refusal("too_many_pixels")
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
+        raise Refusal(
+            "unsupported_dicom",
+            f"Cannot decode DICOM pixel data (transfer syntax {ts}): {exc}",
+        ) from exc
+    if frames > 1:
+        arr = arr[0]  # multi-frame: the first frame is the radiograph
+    if meta["photometric"] in ("RGB", "YBR_FULL", "YBR_FULL_422") and arr.ndim == 3:
+        gray = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    else:
+        gray = apply_modality_lut(arr, ds)
+        gray = apply_voi_lut(gray, ds, index=0)
+        gray = np.asarray(gray, dtype=np.float32)
+    lo, hi = float(np.min(gray)), float(np.max(gray))
+    gray = (gray - lo) / (hi - lo) if hi > lo else np.zeros_like(gray, dtype=np.float32)
+    if meta["photometric"] == "MONOCHROME1":
+        gray = 1.0 - gray
+    return gray.astype(np.float32), meta
+
+
+def deidentify(data: bytes, patient_code: str = "ANONYMOUS") -> bytes:
+    """Return DICOM bytes with identifying attributes removed or replaced.
+
+    PatientName and PatientID become ``patient_code``; private tags are dropped;
+    dates that could identify the person are blanked.
+    """
+    pydicom = _pydicom()
+    ds = pydicom.dcmread(io.BytesIO(data))
+    for kw in IDENTIFYING_KEYWORDS:
+        if kw in ds:
+            delattr(ds, kw)
+    ds.PatientName = patient_code
+    ds.PatientID = patient_code
+    ds.remove_private_tags()
+    for kw in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate", "StudyTime",
+               "SeriesTime", "AcquisitionTime", "ContentTime"):
+        if kw in ds:
+            setattr(ds, kw, "")
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = "cxr-screening basic profile: identifying attributes removed"
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=False)
+    return out.getvalue()

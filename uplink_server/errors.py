@@ -1,0 +1,38 @@
+"""Refusals: the one exception type for input the server will not classify.
+
+Each refusal carries a stable machine-readable ``code`` (the web app translates
+it) and an English ``message`` for the CLI and logs.
+"""
+
+from __future__ import annotations
+
+# code -> default English message. The web app keeps translations keyed by code.
+REFUSAL_CODES: dict[str, str] = {
+    "empty_file": "The file is empty.",
+    "not_an_image": "The file is not an image (expected JPEG, PNG, BMP, TIFF, WebP or DICOM).",
+    "corrupt_image": "The image file is truncated or corrupt and cannot be decoded.",
+    "file_too_large": "The file is larger than the upload limit.",
+    "too_many_pixels": "The image has more pixels than the safety limit (possible decompression bomb).",
+    "image_too_small": "The image is too small to be a usable radiograph.",
+    "unsupported_dicom": "The DICOM file has no pixel data this server can decode.",
+    "not_xray_modality": "The DICOM file is not a radiograph (for example a CT or MR slice).",
+    "lateral_view": "The image is a lateral view; a frontal (PA/AP) chest X-ray is required.",
+    "blank_image": "The image is blank or nearly uniform.",
+    "color_photo": "The image is a colour photograph, not an X-ray.",
+    "not_chest_xray": "The image does not look like a frontal chest X-ray.",
+    "model_unavailable": "No model is available to classify the image right now.",
+}
+
+
+class Refusal(Exception):
+    """Input that will not be classified, with the reason."""
+
+    def __init__(self, code: str, message: str | None = None):
+        if code not in REFUSAL_CODES:
+            raise ValueError(f"unknown refusal code {code!r}")
+        self.code = code
+        self.message = message or REFUSAL_CODES[code]
+        super().__init__(self.message)
+
+    def to_dict(self) -> dict:
+        return {"code": self.code, "message": self.message}

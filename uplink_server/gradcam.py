@@ -1,0 +1,53 @@
+"""Class activation heatmaps from the ONNX model's ``cam`` output (no torch).
+
+The models end in global average pooling + one linear layer, where Grad-CAM
+reduces to CAM: the weighted sum of the last feature maps. The graph computes
+it; here we pick the class, rectify, normalise, upsample and colour it.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+
+def normalize_cam(cam: np.ndarray) -> np.ndarray:
+    """(h, w) class map -> [0, 1]: positive evidence only, stretched to its range."""
+    cam = np.maximum(cam.astype(np.float32), 0)
+    lo, hi = float(cam.min()), float(cam.max())
+    return (cam - lo) / (hi - lo) if hi > lo else np.zeros_like(cam)
+
+
+def upsample(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear upsampling of a [0, 1] map to (width, height)."""
+    img = Image.fromarray(cam.astype(np.float32), mode="F").resize(size, Image.BILINEAR)
+    return np.clip(np.asarray(img, dtype=np.float32), 0, 1)
+
+
+def _jet(v: np.ndarray) -> np.ndarray:
+    """A jet-like colour map without matplotlib (serving stays light)."""
+    r = np.clip(1.5 - np.abs(4 * v - 3), 0, 1)
+    g = np.clip(1.5 - np.abs(4 * v - 2), 0, 1)
+    b = np.clip(1.5 - np.abs(4 * v - 1), 0, 1)
+    return np.stack([r, g, b], axis=-1)
+
+
+def overlay(gray: np.ndarray, cam: np.ndarray, alpha: float = 0.45, max_side: int = 768) -> Image.Image:
+    """Blend the heatmap over the X-ray (RGB image, at most ``max_side`` px)."""
+    h, w = gray.shape
+    scale = min(1.0, max_side / max(h, w))
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    base = np.asarray(Image.fromarray((np.clip(gray, 0, 1) * 255).astype(np.uint8)).resize(size, Image.BILINEAR), np.float32) / 255
+    heat = upsample(cam, size)
+    rgb = np.repeat(base[..., None], 3, axis=2)
+    a = (alpha * heat)[..., None]  # weak evidence stays transparent
+    out = (1 - a) * rgb + a * _jet(heat)
+    return Image.fromarray((np.clip(out, 0, 1) * 255).astype(np.uint8), mode="RGB")
+
+
+def to_png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()

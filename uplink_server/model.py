@@ -1,0 +1,173 @@
+"""Loading a model + its card, and classifying one upload end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import gradcam, ood
+from .errors import Refusal
+from .imaging import DecodedImage, decode
+from .preprocessing import PreprocessSpec, preprocess
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+WEIGHTS_DIR = REPO_ROOT / "weights"
+DEFAULT_MODEL_NAME = "cxr-screen.onnx"
+
+
+class ModelNotFound(FileNotFoundError):
+    pass
+
+
+def default_model_path() -> Path:
+    """$CXR_MODEL, else the shipped default in weights/."""
+    env = os.environ.get("CXR_MODEL")
+    return Path(env) if env else WEIGHTS_DIR / DEFAULT_MODEL_NAME
+
+
+def find_card(model_path: Path) -> Path | None:
+    stem = model_path.name.rsplit(".", 1)[0]
+    for cand in (model_path.with_name(stem + ".card.json"), model_path.parent / "model_card.json"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+@dataclass
+class Prediction:
+    file: str = ""
+    label: str | None = None
+    probabilities: dict[str, float] = field(default_factory=dict)
+    uncertain: bool = False
+    refused: bool = False
+    refusal: dict | None = None
+    model: str = ""
+    version: str = ""
+    elapsed_ms: float = 0.0
+    ood_score: float | None = None
+    heatmap: np.ndarray | None = None  # (H, W) in [0, 1] at the model's input size
+    heatmap_png: bytes | None = None
+
+    @property
+    def outcome(self) -> str:
+        return "refused" if self.refused else ("uncertain" if self.uncertain else self.label or "")
+
+    def to_dict(self) -> dict:
+        return {
+            "file": self.file,
+            "label": self.label,
+            "outcome": self.outcome,
+            "probabilities": self.probabilities,
+            "uncertain": self.uncertain,
+            "refused": self.refused,
+            "refusal": self.refusal,
+            "model": self.model,
+            "version": self.version,
+            "elapsed_ms": round(self.elapsed_ms, 1),
+            "ood_score": None if self.ood_score is None else round(self.ood_score, 4),
+        }
+
+
+class Classifier:
+    """An exported model with its card: preprocessing, classes, calibration, OOD gate.
+
+    ``predict`` never raises on bad input: it returns a refused Prediction.
+    """
+
+    def __init__(self, model_path: str | Path | None = None, card: dict | None = None, threads: int | None = None):
+        path = Path(model_path) if model_path else default_model_path()
+        if not path.is_file():
+            raise ModelNotFound(
+                f"model file {path} not found. Train one (python -m model_training train ...) or pass --model PATH."
+            )
+        self.path = path
+        if card is None:
+            card_path = find_card(path)
+            if card_path is None:
+                raise ModelNotFound(f"no model card next to {path} (expected {path.with_suffix('')}.card.json or model_card.json)")
+            card = json.loads(card_path.read_text())
+            self.card_dir = card_path.parent
+        else:
+            self.card_dir = path.parent
+        self.card = card
+        self.classes: list[str] = list(card["classes"])
+        self.spec = PreprocessSpec.from_dict(card["preprocessing"])
+        self.temperature = float(card.get("calibration", {}).get("temperature", 1.0))
+        self.uncertain_threshold = float(card.get("uncertain_threshold", 0.0))
+        self.name = card.get("name", path.stem)
+        self.version = str(card.get("version", ""))
+        self.gate = None
+        ood_file = card.get("ood", {}).get("file")
+        if ood_file and (self.card_dir / ood_file).is_file():
+            self.gate = ood.EmbeddingGate.load(self.card_dir / ood_file)
+        self._backend = self._load_backend(path, threads)
+
+    # --- backends ---------------------------------------------------------------
+    def _load_backend(self, path: Path, threads: int | None):
+        if path.suffix in (".keras", ".h5"):
+            from .keras_backend import KerasBackend
+
+            return KerasBackend(path, self.card)
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        sess = ort.InferenceSession(str(path), sess_options=opts, providers=ort.get_available_providers())
+        names = [o.name for o in sess.get_outputs()]
+        input_name = sess.get_inputs()[0].name
+
+        def run(x: np.ndarray):
+            outs = dict(zip(names, sess.run(None, {input_name: x})))
+            return outs.get("logits", outs[names[0]]), outs.get("cam"), outs.get("embedding")
+
+        return run
+
+    def run(self, batch: np.ndarray):
+        """Raw outputs (logits, cam|None, embedding|None) for a preprocessed batch."""
+        return self._backend(np.ascontiguousarray(batch, dtype=np.float32))
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        z = logits / self.temperature
+        z = z - z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
+
+    def preprocess(self, image: DecodedImage) -> np.ndarray:
+        return preprocess(image.gray, self.spec)
+
+    # --- the whole path -----------------------------------------------------------
+    def predict(self, source, heatmap: bool = True, name: str = "", check_ood: bool = True) -> Prediction:
+        t0 = time.perf_counter()
+        pred = Prediction(file=name or (str(source) if not isinstance(source, (bytes, bytearray)) else ""),
+                          model=self.name, version=self.version)
+        try:
+            image = decode(source)
+            if check_ood:
+                ood.check_image(image.gray, image.colorfulness)
+            x = self.preprocess(image)[None]
+            logits, cam, emb = self.run(x)
+            if check_ood and self.gate is not None and emb is not None:
+                pred.ood_score = float(self.gate.score(emb)[0])
+                if pred.ood_score > self.gate.threshold:
+                    raise Refusal("not_chest_xray")
+        except Refusal as r:
+            pred.refused, pred.refusal = True, r.to_dict()
+            pred.elapsed_ms = (time.perf_counter() - t0) * 1000
+            return pred
+        probs = self.probabilities(logits)[0]
+        k = int(probs.argmax())
+        pred.label = self.classes[k]
+        pred.probabilities = {c: float(p) for c, p in zip(self.classes, probs)}
+        pred.uncertain = bool(probs[k] < self.uncertain_threshold)
+        if heatmap and cam is not None:
+            pred.heatmap = gradcam.normalize_cam(cam[0, k])
+            pred.heatmap_png = gradcam.to_png(gradcam.overlay(image.gray, pred.heatmap))
+        pred.elapsed_ms = (time.perf_counter() - t0) * 1000
+        return pred

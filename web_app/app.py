@@ -1,0 +1,118 @@
+"""FastAPI application factory."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from sqlalchemy import select
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.sessions import SessionMiddleware
+
+from .config import Settings
+from .db import User, make_engine, migrate, session_factory
+from .i18n import translate
+from .inference import ModelRouter, serve_uplink
+from .security import hash_password
+
+log = logging.getLogger(__name__)
+HERE = Path(__file__).parent
+
+
+class LoginRequired(Exception):
+    pass
+
+
+def ensure_admin(SessionLocal, settings: Settings) -> str | None:
+    """Create the first admin if there is no user; returns a generated password to print."""
+    with SessionLocal() as db:
+        if db.scalar(select(User).limit(1)) is not None:
+            return None
+        password = settings.admin_password or secrets.token_urlsafe(12)
+        db.add(User(email=settings.admin_email, name="Administrator", password_hash=hash_password(password), role="admin"))
+        db.commit()
+        return None if settings.admin_password else password
+
+
+def load_local_model(settings: Settings):
+    if not settings.local_model:
+        return None
+    from uplink_server.model import Classifier, ModelNotFound
+
+    try:
+        return Classifier(settings.model_path)
+    except ModelNotFound as exc:
+        log.warning("no in-process model: %s", exc)
+        print(f"warning: no in-process model ({exc}); waiting for model servers to connect", flush=True)
+        return None
+
+
+def create_app(settings: Settings | None = None, classifier="auto") -> FastAPI:
+    settings = settings or Settings.from_env()
+    migrate(settings.database_url)
+    engine = make_engine(settings.database_url)
+    SessionLocal = session_factory(engine)
+    generated = ensure_admin(SessionLocal, settings)
+    if generated:
+        print(f"First admin account: {settings.admin_email} / password: {generated}  (change it, or set CXR_ADMIN_PASSWORD)", flush=True)
+    local = load_local_model(settings) if classifier == "auto" else classifier
+    router = ModelRouter(local, timeout=settings.uplink_timeout_s)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        engine.dispose()
+
+    app = FastAPI(title="Chest X-ray screening", version="0.1.0", lifespan=lifespan,
+                  description="Screening support only, not a diagnosis. REST API under /api/v1; authenticate with `Authorization: Bearer <token>`.")
+    app.state.settings = settings
+    app.state.SessionLocal = SessionLocal
+    app.state.router = router
+    app.state.generated_admin_password = generated
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    app.state.templates = templates
+    app.add_middleware(SessionMiddleware, secret_key=settings.secret_key, same_site="lax",
+                       https_only=settings.secure_cookies, session_cookie="cxr_session", max_age=12 * 3600)
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+
+    from .routes import api, pages
+
+    app.include_router(pages.router)
+    app.include_router(api.router, prefix="/api/v1")
+
+    @app.websocket("/uplink/ws")
+    async def uplink_ws(ws: WebSocket):
+        await serve_uplink(ws, router, settings.uplink_key)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz():
+        return {"ok": True, "model_available": router.available, **router.status()}
+
+    @app.exception_handler(LoginRequired)
+    async def _login(request: Request, exc: LoginRequired):
+        return RedirectResponse(f"/login?next={request.url.path}", status_code=303)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        lang = request.session.get("lang", "en") if "session" in request.scope else "en"
+        msg = {403: translate("forbidden", lang), 404: translate("not_found", lang)}.get(exc.status_code, str(exc.detail))
+        return HTMLResponse(templates.get_template("error.html").render(request=request, message=msg, t=lambda k: translate(k, lang),
+                                                                         lang=lang, user=None, status=exc.status_code),
+                            status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _any(request: Request, exc: Exception):  # never a stack trace to the user
+        log.exception("unhandled error on %s", request.url.path)
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"detail": "internal error; the upload was kept if it was received"}, status_code=500)
+        return HTMLResponse("<h1>Something went wrong</h1><p>The error was logged. Your upload was kept if it was received.</p>", status_code=500)
+
+    return app

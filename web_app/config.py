@@ -1,0 +1,59 @@
+"""Settings from the environment, with secrets generated once into the data folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Settings:
+    data_dir: Path
+    database_url: str
+    secret_key: str
+    uplink_key: str
+    admin_email: str = "admin@localhost"
+    admin_password: str | None = None
+    local_model: bool = True
+    model_path: str | None = None
+    max_upload_mb: int = 64
+    max_zip_files: int = 200
+    uplink_timeout_s: float = 60.0
+    secure_cookies: bool = False
+
+    @property
+    def upload_dir(self) -> Path:
+        return self.data_dir / "uploads"
+
+    @classmethod
+    def from_env(cls, data_dir: str | Path | None = None, **over) -> "Settings":
+        data = Path(data_dir or os.environ.get("CXR_DATA_DIR", "web_app_data")).resolve()
+        data.mkdir(parents=True, exist_ok=True)
+        (data / "uploads").mkdir(exist_ok=True)
+        secrets_file = data / "secrets.json"
+        stored = json.loads(secrets_file.read_text()) if secrets_file.exists() else {}
+        changed = False
+        for key in ("secret_key", "uplink_key"):
+            if key not in stored:
+                stored[key] = secrets.token_urlsafe(32)
+                changed = True
+        if changed:
+            secrets_file.write_text(json.dumps(stored))
+            secrets_file.chmod(0o600)
+        s = cls(
+            data_dir=data,
+            database_url=os.environ.get("CXR_DATABASE_URL") or f"sqlite:///{data / 'app.db'}",
+            secret_key=os.environ.get("CXR_SECRET_KEY") or stored["secret_key"],
+            uplink_key=os.environ.get("CXR_UPLINK_KEY") or stored["uplink_key"],
+            admin_email=os.environ.get("CXR_ADMIN_EMAIL", "admin@localhost"),
+            admin_password=os.environ.get("CXR_ADMIN_PASSWORD") or None,
+            local_model=os.environ.get("CXR_LOCAL_MODEL", "1") not in ("0", "false", "no"),
+            model_path=os.environ.get("CXR_MODEL") or None,
+            secure_cookies=os.environ.get("CXR_SECURE_COOKIES", "0") in ("1", "true", "yes"),
+        )
+        for k, v in over.items():
+            setattr(s, k, v)
+        return s

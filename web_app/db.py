@@ -1,0 +1,96 @@
+"""Database models (SQLAlchemy 2) and session handling. Schema changes go
+through Alembic migrations in ``web_app/migrations``."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, create_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+
+ROLES = ("admin", "doctor", "technician")
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    email: Mapped[str] = mapped_column(String(255), unique=True, index=True)
+    name: Mapped[str] = mapped_column(String(255), default="")
+    password_hash: Mapped[str] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(20), default="technician")
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Case(Base):
+    __tablename__ = "cases"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_code: Mapped[str] = mapped_column(String(64), index=True, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    created_by: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    filename: Mapped[str] = mapped_column(String(255), default="")
+    image_path: Mapped[str] = mapped_column(String(512), default="")
+    heatmap_path: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    status: Mapped[str] = mapped_column(String(20), default="pending", index=True)  # done|refused|pending
+    label: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    probabilities: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    uncertain: Mapped[bool] = mapped_column(Boolean, default=False)
+    refusal_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    refusal_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    risk: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
+    model_name: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    model_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    served_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    elapsed_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    creator: Mapped[User] = relationship()
+
+
+class ApiToken(Base):
+    __tablename__ = "api_tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    name: Mapped[str] = mapped_column(String(100), default="")
+    token_hash: Mapped[str] = mapped_column(String(128), unique=True, index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    last_used: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    user: Mapped[User] = relationship()
+
+
+class AuditLog(Base):
+    __tablename__ = "audit_log"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
+    action: Mapped[str] = mapped_column(String(64))
+    case_id: Mapped[int | None] = mapped_column(ForeignKey("cases.id"), nullable=True)
+    detail: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+
+
+def make_engine(url: str):
+    kw = {"connect_args": {"check_same_thread": False}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    return create_engine(url, **kw)
+
+
+def migrate(url: str) -> None:
+    """Bring the schema to the latest migration."""
+    from alembic import command
+    from alembic.config import Config
+
+    here = Path(__file__).parent / "migrations"
+    cfg = Config()
+    cfg.set_main_option("script_location", str(here))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    command.upgrade(cfg, "head")
+
+
+def session_factory(engine):
+    return sessionmaker(engine, expire_on_commit=False)

@@ -1,0 +1,74 @@
+"""Request dependencies: database session, current user (page or API), CSRF, language."""
+
+from __future__ import annotations
+
+from fastapi import Depends, HTTPException, Request
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from .db import ApiToken, User, utcnow
+from .i18n import LANGUAGES, negotiate, translate
+from .security import can, hash_token, new_csrf_token, same
+
+
+def get_db(request: Request):
+    db = request.app.state.SessionLocal()
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+def lang_of(request: Request) -> str:
+    lang = request.session.get("lang")
+    return lang if lang in LANGUAGES else negotiate(request.headers.get("accept-language"))
+
+
+def csrf_token(request: Request) -> str:
+    tok = request.session.get("csrf")
+    if not tok:
+        tok = request.session["csrf"] = new_csrf_token()
+    return tok
+
+
+def page_user(request: Request, db: Session = Depends(get_db)) -> User:
+    from .app import LoginRequired
+
+    uid = request.session.get("user_id")
+    user = db.get(User, uid) if uid else None
+    if user is None or not user.active:
+        raise LoginRequired()
+    return user
+
+
+def api_user(request: Request, db: Session = Depends(get_db)) -> User:
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        tok = db.scalar(select(ApiToken).where(ApiToken.token_hash == hash_token(auth[7:].strip())))
+        if tok is not None and tok.user.active:
+            tok.last_used = utcnow()
+            db.commit()
+            return tok.user
+        raise HTTPException(401, "invalid API token", headers={"WWW-Authenticate": "Bearer"})
+    # a signed-in browser may call the API too, with the CSRF header for writes
+    uid = request.session.get("user_id")
+    user = db.get(User, uid) if uid else None
+    if user is not None and user.active:
+        if request.method not in ("GET", "HEAD") and not same(request.headers.get("x-csrf-token"), request.session.get("csrf")):
+            raise HTTPException(403, "missing or invalid X-CSRF-Token header")
+        return user
+    raise HTTPException(401, "authentication required: send Authorization: Bearer <token>", headers={"WWW-Authenticate": "Bearer"})
+
+
+def require(permission: str):
+    def check(user: User) -> User:
+        if not can(user.role, permission):
+            raise HTTPException(403, f"role {user.role} may not {permission}")
+        return user
+
+    return check
+
+
+def check_csrf(request: Request, token: str | None) -> None:
+    if not same(token, request.session.get("csrf")):
+        raise HTTPException(403, translate("csrf", lang_of(request)))

@@ -1,0 +1,122 @@
+"""English and Spanish strings; language from the session, else the browser."""
+
+from __future__ import annotations
+
+LANGUAGES = ("en", "es")
+
+STRINGS: dict[str, dict[str, str]] = {
+    "app_title": {"en": "Chest X-ray screening", "es": "Tamizaje de radiografías de tórax"},
+    "notice": {
+        "en": "Screening support only, not a diagnosis. Every result must be confirmed by a qualified clinician.",
+        "es": "Solo apoyo al tamizaje, no es un diagnóstico. Todo resultado debe ser confirmado por un profesional clínico calificado.",
+    },
+    "sign_in": {"en": "Sign in", "es": "Iniciar sesión"},
+    "sign_out": {"en": "Sign out", "es": "Cerrar sesión"},
+    "email": {"en": "Email", "es": "Correo electrónico"},
+    "password": {"en": "Password", "es": "Contraseña"},
+    "bad_login": {"en": "Wrong email or password.", "es": "Correo o contraseña incorrectos."},
+    "upload": {"en": "New X-ray", "es": "Nueva radiografía"},
+    "upload_help": {
+        "en": "Chest X-ray as JPEG, PNG or DICOM; several files or a ZIP are fine.",
+        "es": "Radiografía de tórax en JPEG, PNG o DICOM; se admiten varios archivos o un ZIP.",
+    },
+    "choose_files": {"en": "Choose files", "es": "Elegir archivos"},
+    "take_photo": {"en": "Use camera", "es": "Usar la cámara"},
+    "patient_code": {"en": "Patient code", "es": "Código del paciente"},
+    "patient_code_help": {"en": "No names: a code your clinic can trace.", "es": "Sin nombres: un código que su centro pueda rastrear."},
+    "analyze": {"en": "Analyze", "es": "Analizar"},
+    "result": {"en": "Result", "es": "Resultado"},
+    "results": {"en": "Results", "es": "Resultados"},
+    "probability": {"en": "Probability", "es": "Probabilidad"},
+    "heatmap": {"en": "Heatmap", "es": "Mapa de calor"},
+    "show_heatmap": {"en": "Show heatmap", "es": "Mostrar mapa de calor"},
+    "uncertain": {"en": "Uncertain: the model is not confident. Review carefully.", "es": "Incierto: el modelo no tiene suficiente confianza. Revise con cuidado."},
+    "refused": {"en": "Not analyzed", "es": "No analizada"},
+    "pending": {"en": "Waiting for a model", "es": "Esperando un modelo"},
+    "retry": {"en": "Analyze again", "es": "Analizar de nuevo"},
+    "history": {"en": "History", "es": "Historial"},
+    "worklist": {"en": "Worklist", "es": "Lista de trabajo"},
+    "worklist_help": {"en": "Highest risk first: read these studies first.", "es": "Mayor riesgo primero: lea estos estudios primero."},
+    "search": {"en": "Search", "es": "Buscar"},
+    "date_from": {"en": "From", "es": "Desde"},
+    "date_to": {"en": "To", "es": "Hasta"},
+    "date": {"en": "Date", "es": "Fecha"},
+    "risk": {"en": "Risk", "es": "Riesgo"},
+    "status": {"en": "Status", "es": "Estado"},
+    "export_csv": {"en": "Export CSV", "es": "Exportar CSV"},
+    "report": {"en": "Printable report", "es": "Informe imprimible"},
+    "print": {"en": "Print", "es": "Imprimir"},
+    "model": {"en": "Model", "es": "Modelo"},
+    "by": {"en": "By", "es": "Por"},
+    "no_cases": {"en": "No cases yet.", "es": "Aún no hay casos."},
+    "admin": {"en": "Admin", "es": "Administración"},
+    "users": {"en": "Users", "es": "Usuarios"},
+    "role": {"en": "Role", "es": "Rol"},
+    "name": {"en": "Name", "es": "Nombre"},
+    "add_user": {"en": "Add user", "es": "Agregar usuario"},
+    "api_tokens": {"en": "API tokens", "es": "Tokens de API"},
+    "new_token": {"en": "New token", "es": "Nuevo token"},
+    "token_once": {"en": "Copy this token now; it will not be shown again:", "es": "Copie este token ahora; no se volverá a mostrar:"},
+    "model_servers": {"en": "Model servers", "es": "Servidores de modelos"},
+    "uplink_key": {"en": "Uplink key", "es": "Clave de enlace"},
+    "connect_help": {"en": "Connect a model server from another machine with:", "es": "Conecte un servidor de modelos desde otra máquina con:"},
+    "local_model": {"en": "In-process model", "es": "Modelo local"},
+    "none_connected": {"en": "No model server connected.", "es": "Ningún servidor de modelos conectado."},
+    "language": {"en": "Español", "es": "English"},
+    "normal": {"en": "Normal", "es": "Normal"},
+    "pneumonia": {"en": "Pneumonia", "es": "Neumonía"},
+    "covid19": {"en": "COVID-19", "es": "COVID-19"},
+    "no_file": {"en": "Choose at least one file.", "es": "Elija al menos un archivo."},
+    "forbidden": {"en": "You do not have access to this page.", "es": "No tiene acceso a esta página."},
+    "not_found": {"en": "Not found.", "es": "No encontrado."},
+    "csrf": {"en": "Your session expired; please try again.", "es": "Su sesión expiró; intente de nuevo."},
+    "image": {"en": "Image", "es": "Imagen"},
+    "case": {"en": "Case", "es": "Caso"},
+    # refusal codes (uplink_server.errors.REFUSAL_CODES)
+    "r_empty_file": {"en": "The file is empty.", "es": "El archivo está vacío."},
+    "r_not_an_image": {"en": "This file is not an image. Upload a JPEG, PNG or DICOM chest X-ray.", "es": "Este archivo no es una imagen. Suba una radiografía de tórax en JPEG, PNG o DICOM."},
+    "r_corrupt_image": {"en": "The image is damaged or incomplete. Export it again and retry.", "es": "La imagen está dañada o incompleta. Expórtela de nuevo e intente otra vez."},
+    "r_file_too_large": {"en": "The file is too large.", "es": "El archivo es demasiado grande."},
+    "r_too_many_pixels": {"en": "The image is too large in pixels.", "es": "La imagen tiene demasiados píxeles."},
+    "r_image_too_small": {"en": "The image is too small to analyze.", "es": "La imagen es demasiado pequeña para analizarla."},
+    "r_unsupported_dicom": {"en": "This DICOM file cannot be read (unsupported compression or no image).", "es": "No se puede leer este archivo DICOM (compresión no soportada o sin imagen)."},
+    "r_not_xray_modality": {"en": "This DICOM is not a radiograph (for example CT or MR).", "es": "Este DICOM no es una radiografía (por ejemplo TC o RM)."},
+    "r_lateral_view": {"en": "This is a lateral view. Upload the frontal (PA/AP) chest X-ray.", "es": "Es una proyección lateral. Suba la radiografía de tórax frontal (PA/AP)."},
+    "r_blank_image": {"en": "The image is blank.", "es": "La imagen está en blanco."},
+    "r_color_photo": {"en": "This looks like a colour photo, not an X-ray.", "es": "Parece una foto a color, no una radiografía."},
+    "r_not_chest_xray": {"en": "This does not look like a frontal chest X-ray.", "es": "Esto no parece una radiografía de tórax frontal."},
+    "r_model_unavailable": {"en": "No model is available right now. The image is saved; analyze it again later.", "es": "No hay ningún modelo disponible ahora. La imagen quedó guardada; analícela más tarde."},
+    "r_unsupported_type": {"en": "Unsupported file type.", "es": "Tipo de archivo no soportado."},
+    "r_zip_error": {"en": "The ZIP file could not be read.", "es": "No se pudo leer el archivo ZIP."},
+}
+
+
+def negotiate(accept_language: str | None) -> str:
+    """Pick en/es from an Accept-Language header (q-values honoured)."""
+    best, best_q = "en", -1.0
+    for part in (accept_language or "").split(","):
+        bits = part.strip().split(";")
+        tag = bits[0].strip().lower()[:2]
+        q = 1.0
+        for b in bits[1:]:
+            if b.strip().startswith("q="):
+                try:
+                    q = float(b.strip()[2:])
+                except ValueError:
+                    q = 0.0
+        if tag in LANGUAGES and q > best_q:
+            best, best_q = tag, q
+    return best
+
+
+def translate(key: str, lang: str) -> str:
+    entry = STRINGS.get(key)
+    if entry is None:
+        return key
+    return entry.get(lang) or entry["en"]
+
+
+def refusal_text(code: str | None, lang: str, fallback: str | None = None) -> str:
+    if code and f"r_{code}" in STRINGS:
+        return translate(f"r_{code}", lang)
+    return fallback or code or ""

@@ -1,0 +1,162 @@
+"""Routing predictions to the in-process model or to connected model servers.
+
+Remote model servers (``python -m uplink_server connect``) hold a websocket to
+``/uplink/ws``. Requests go round-robin to connected servers with free
+capacity, then to the in-process model; a server that drops mid-request is
+taken out of rotation and the request is retried elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import logging
+import uuid
+from dataclasses import dataclass, field
+
+from fastapi import WebSocket
+
+log = logging.getLogger(__name__)
+
+
+class ModelUnavailable(RuntimeError):
+    pass
+
+
+class ConnectionLost(RuntimeError):
+    pass
+
+
+@dataclass
+class Outcome:
+    result: dict  # Prediction.to_dict()
+    heatmap_png: bytes | None
+    served_by: str
+
+
+@dataclass
+class UplinkConnection:
+    ws: WebSocket
+    name: str
+    model: str
+    version: str
+    capacity: int
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    pending: dict = field(default_factory=dict)
+    closed: bool = False
+
+    @property
+    def busy(self) -> bool:
+        return len(self.pending) >= self.capacity
+
+    async def predict(self, data: bytes, filename: str, timeout: float) -> Outcome:
+        req_id = uuid.uuid4().hex
+        fut = asyncio.get_running_loop().create_future()
+        self.pending[req_id] = fut
+        try:
+            await self.ws.send_json({"type": "predict", "id": req_id, "filename": filename,
+                                     "data": base64.b64encode(data).decode("ascii")})
+            msg = await asyncio.wait_for(fut, timeout)
+        except (asyncio.TimeoutError, RuntimeError, OSError) as exc:
+            if isinstance(exc, ConnectionLost):
+                raise
+            raise ConnectionLost(f"model server {self.name}: {exc!r}") from exc
+        finally:
+            self.pending.pop(req_id, None)
+        if msg.get("error"):
+            raise ConnectionLost(f"model server {self.name} failed: {msg['error']}")
+        png = base64.b64decode(msg["heatmap_png"]) if msg.get("heatmap_png") else None
+        return Outcome(msg["result"], png, f"uplink:{self.name}")
+
+    def fail_all(self, reason: str) -> None:
+        self.closed = True
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(ConnectionLost(reason))
+
+
+class ModelRouter:
+    def __init__(self, local=None, timeout: float = 60.0):
+        self.local = local  # uplink_server.model.Classifier or None
+        self.uplinks: dict[str, UplinkConnection] = {}
+        self.timeout = timeout
+        self._rr = itertools.count()
+        self._local_lock = asyncio.Semaphore(2)
+
+    def status(self) -> dict:
+        return {
+            "local": None if self.local is None else {"model": self.local.name, "version": self.local.version},
+            "uplinks": [{"id": u.id, "name": u.name, "model": u.model, "version": u.version, "capacity": u.capacity,
+                         "in_flight": len(u.pending)} for u in self.uplinks.values()],
+        }
+
+    @property
+    def available(self) -> bool:
+        return self.local is not None or bool(self.uplinks)
+
+    def add(self, conn: UplinkConnection) -> None:
+        self.uplinks[conn.id] = conn
+        log.info("model server %s connected (%s %s)", conn.name, conn.model, conn.version)
+
+    def remove(self, conn: UplinkConnection, reason: str = "disconnected") -> None:
+        self.uplinks.pop(conn.id, None)
+        conn.fail_all(reason)
+        log.info("model server %s removed: %s", conn.name, reason)
+
+    def _candidates(self) -> list[UplinkConnection]:
+        ups = [u for u in self.uplinks.values() if not u.closed]
+        if not ups:
+            return []
+        start = next(self._rr) % len(ups)
+        ordered = ups[start:] + ups[:start]
+        return [u for u in ordered if not u.busy] + [u for u in ordered if u.busy]
+
+    async def predict(self, data: bytes, filename: str) -> Outcome:
+        for conn in self._candidates():
+            try:
+                return await conn.predict(data, filename, self.timeout)
+            except ConnectionLost as exc:
+                log.warning("%s; trying the next model", exc)
+                self.remove(conn, str(exc))
+        if self.local is not None:
+            async with self._local_lock:
+                pred = await asyncio.get_running_loop().run_in_executor(None, lambda: self.local.predict(data, name=filename))
+            return Outcome(pred.to_dict(), pred.heatmap_png, "local")
+        raise ModelUnavailable("no model is available")
+
+
+async def serve_uplink(ws: WebSocket, router: ModelRouter, key: str) -> None:
+    """The server side of one model server's websocket."""
+    from .security import same
+
+    auth = ws.headers.get("authorization", "")
+    given = auth[7:] if auth.lower().startswith("bearer ") else ws.query_params.get("key")
+    if not same(given, key):
+        await ws.close(code=4401, reason="invalid uplink key")
+        return
+    await ws.accept()
+    try:
+        hello = await asyncio.wait_for(ws.receive_json(), 10)
+    except Exception:
+        await ws.close(code=4400, reason="expected hello")
+        return
+    if hello.get("type") != "hello":
+        await ws.close(code=4400, reason="expected hello")
+        return
+    conn = UplinkConnection(ws, str(hello.get("name", "model-server"))[:64], str(hello.get("model", "")),
+                            str(hello.get("version", "")), max(1, min(int(hello.get("capacity", 2)), 64)))
+    router.add(conn)
+    await ws.send_json({"type": "welcome", "id": conn.id})
+    try:
+        while True:
+            msg = await ws.receive_json()
+            kind = msg.get("type")
+            if kind == "result":
+                fut = conn.pending.get(msg.get("id"))
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+            elif kind == "ping":
+                await ws.send_json({"type": "pong"})
+    except Exception as exc:  # WebSocketDisconnect and friends
+        router.remove(conn, f"connection closed ({type(exc).__name__})")

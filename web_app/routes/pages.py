@@ -1,0 +1,228 @@
+"""HTML pages: sign in, upload, result, history, worklist, report, admin."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from uplink_server import NOTICE
+
+from ..cases import Upload, UploadError, classify_case, create_case, expand_uploads, export_csv, visible_cases
+from ..db import ROLES, ApiToken, AuditLog, Case, User
+from ..deps import check_csrf, csrf_token, get_db, lang_of, page_user
+from ..i18n import LANGUAGES, refusal_text, translate
+from ..security import can, hash_password, new_api_token, verify_password
+
+router = APIRouter(include_in_schema=False)
+
+
+def render(request: Request, name: str, user: User | None = None, status: int = 200, **ctx) -> HTMLResponse:
+    lang = lang_of(request)
+    templates = request.app.state.templates
+    html = templates.get_template(name).render(
+        request=request, user=user, lang=lang, t=lambda k: translate(k, lang), csrf=csrf_token(request),
+        can=lambda p: user is not None and can(user.role, p), refusal_text=lambda c, m=None: refusal_text(c, lang, m),
+        notice=translate("notice", lang), notice_en=NOTICE, **ctx)
+    return HTMLResponse(html, status_code=status)
+
+
+def _get_case(db: Session, user: User, case_id: int) -> Case:
+    case = db.get(Case, case_id)
+    if case is None or (case.created_by != user.id and not can(user.role, "view_all")):
+        raise HTTPException(404)
+    return case
+
+
+@router.get("/login")
+def login_form(request: Request, next: str = "/"):
+    return render(request, "login.html", next=next)
+
+
+@router.post("/login")
+def login(request: Request, email: str = Form(...), password: str = Form(...), next: str = Form("/"),
+          csrf_token_: str = Form("", alias="csrf_token"), db: Session = Depends(get_db)):
+    check_csrf(request, csrf_token_)
+    user = db.scalar(select(User).where(User.email == email.strip().lower()))
+    if user is None or not user.active or not verify_password(password, user.password_hash):
+        return render(request, "login.html", next=next, error=translate("bad_login", lang_of(request)), status=401)
+    lang = request.session.get("lang")
+    request.session.clear()  # new session on sign-in (no fixation)
+    request.session.update({"user_id": user.id, "csrf": None, **({"lang": lang} if lang else {})})
+    csrf_token(request)
+    db.add(AuditLog(user_id=user.id, action="login"))
+    db.commit()
+    return RedirectResponse(next if next.startswith("/") and not next.startswith("//") else "/", status_code=303)
+
+
+@router.post("/logout")
+def logout(request: Request, csrf_token_: str = Form("", alias="csrf_token")):
+    check_csrf(request, csrf_token_)
+    lang = request.session.get("lang")
+    request.session.clear()
+    if lang:
+        request.session["lang"] = lang
+    return RedirectResponse("/login", status_code=303)
+
+
+@router.get("/lang/{code}")
+def set_lang(code: str, request: Request, next: str = "/"):
+    if code in LANGUAGES:
+        request.session["lang"] = code
+    return RedirectResponse(next if next.startswith("/") and not next.startswith("//") else "/", status_code=303)
+
+
+@router.get("/")
+def upload_form(request: Request, user: User = Depends(page_user)):
+    return render(request, "upload.html", user)
+
+
+@router.post("/upload")
+async def upload(request: Request, files: list[UploadFile] = File(default=[]), patient_code: str = Form(""),
+                 csrf_token_: str = Form("", alias="csrf_token"), user: User = Depends(page_user),
+                 db: Session = Depends(get_db)):
+    check_csrf(request, csrf_token_)
+    settings = request.app.state.settings
+    uploads = [Upload(f.filename or "upload", await f.read()) for f in files if f.filename]
+    try:
+        items = expand_uploads(uploads, settings)
+    except UploadError as exc:
+        lang = lang_of(request)
+        msg = translate("no_file", lang) if exc.code == "no_file" else refusal_text(exc.code, lang, exc.message) + f" ({exc.message})"
+        return render(request, "upload.html", user, error=msg, status=exc.status)
+    ids = []
+    for item in items:
+        case = create_case(db, settings, user, item, patient_code)
+        if case.status == "pending":
+            await classify_case(db, settings, request.app.state.router, case, user)
+        ids.append(case.id)
+    if len(ids) == 1:
+        return RedirectResponse(f"/cases/{ids[0]}", status_code=303)
+    return RedirectResponse("/batch?ids=" + ",".join(map(str, ids)), status_code=303)
+
+
+@router.get("/batch")
+def batch(request: Request, ids: str = "", user: User = Depends(page_user), db: Session = Depends(get_db)):
+    cases = [_get_case(db, user, int(i)) for i in ids.split(",") if i.strip().isdigit()]
+    return render(request, "batch.html", user, cases=cases)
+
+
+@router.get("/cases/{case_id}")
+def case_page(case_id: int, request: Request, user: User = Depends(page_user), db: Session = Depends(get_db)):
+    return render(request, "case.html", user, case=_get_case(db, user, case_id))
+
+
+@router.post("/cases/{case_id}/retry")
+async def retry(case_id: int, request: Request, csrf_token_: str = Form("", alias="csrf_token"),
+                user: User = Depends(page_user), db: Session = Depends(get_db)):
+    check_csrf(request, csrf_token_)
+    case = _get_case(db, user, case_id)
+    await classify_case(db, request.app.state.settings, request.app.state.router, case, user)
+    return RedirectResponse(f"/cases/{case.id}", status_code=303)
+
+
+@router.get("/cases/{case_id}/report")
+def report(case_id: int, request: Request, user: User = Depends(page_user), db: Session = Depends(get_db)):
+    return render(request, "report.html", user, case=_get_case(db, user, case_id), now=dt.datetime.utcnow())
+
+
+@router.get("/cases/{case_id}/image.png")
+def case_image(case_id: int, request: Request, user: User = Depends(page_user), db: Session = Depends(get_db)):
+    case = _get_case(db, user, case_id)
+    p = request.app.state.settings.upload_dir / (Path(case.image_path).with_suffix("").name + ".preview.png")
+    if not case.image_path or not p.is_file():
+        raise HTTPException(404)
+    return FileResponse(p, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+
+@router.get("/cases/{case_id}/heatmap.png")
+def case_heatmap(case_id: int, request: Request, user: User = Depends(page_user), db: Session = Depends(get_db)):
+    case = _get_case(db, user, case_id)
+    if not case.heatmap_path:
+        raise HTTPException(404)
+    return FileResponse(request.app.state.settings.upload_dir / case.heatmap_path, media_type="image/png")
+
+
+def _filtered(db, user, q: str, date_from: str, date_to: str):
+    query = visible_cases(db, user, can(user.role, "view_all"))
+    if q:
+        query = query.where(Case.patient_code.ilike(f"%{q.strip()}%"))
+    try:
+        if date_from:
+            query = query.where(Case.created_at >= dt.datetime.fromisoformat(date_from))
+        if date_to:
+            query = query.where(Case.created_at < dt.datetime.fromisoformat(date_to) + dt.timedelta(days=1))
+    except ValueError:
+        pass
+    return query
+
+
+@router.get("/cases")
+def history(request: Request, q: str = "", date_from: str = "", date_to: str = "", user: User = Depends(page_user),
+            db: Session = Depends(get_db)):
+    cases = db.scalars(_filtered(db, user, q, date_from, date_to).limit(500)).all()
+    return render(request, "cases.html", user, cases=cases, q=q, date_from=date_from, date_to=date_to)
+
+
+@router.get("/worklist")
+def worklist(request: Request, user: User = Depends(page_user), db: Session = Depends(get_db)):
+    if not can(user.role, "worklist"):
+        raise HTTPException(403)
+    rows = db.scalars(select(Case).where(Case.status.in_(["done", "pending"]))
+                      .order_by(Case.risk.is_(None), Case.risk.desc(), Case.created_at)).all()
+    return render(request, "worklist.html", user, cases=rows)
+
+
+@router.get("/export.csv")
+def export(request: Request, q: str = "", date_from: str = "", date_to: str = "", user: User = Depends(page_user),
+           db: Session = Depends(get_db)):
+    if not can(user.role, "export"):
+        raise HTTPException(403)
+    cases = db.scalars(_filtered(db, user, q, date_from, date_to)).all()
+    return Response(export_csv(cases), media_type="text/csv",
+                    headers={"Content-Disposition": 'attachment; filename="cases.csv"'})
+
+
+@router.get("/tokens")
+def tokens(request: Request, user: User = Depends(page_user), db: Session = Depends(get_db)):
+    rows = db.scalars(select(ApiToken).where(ApiToken.user_id == user.id)).all()
+    return render(request, "tokens.html", user, tokens=rows)
+
+
+@router.post("/tokens")
+def new_token(request: Request, name: str = Form("script"), csrf_token_: str = Form("", alias="csrf_token"),
+              user: User = Depends(page_user), db: Session = Depends(get_db)):
+    check_csrf(request, csrf_token_)
+    token, h = new_api_token()
+    db.add(ApiToken(user_id=user.id, name=name[:100], token_hash=h))
+    db.commit()
+    rows = db.scalars(select(ApiToken).where(ApiToken.user_id == user.id)).all()
+    return render(request, "tokens.html", user, tokens=rows, new_token=token)
+
+
+@router.get("/admin")
+def admin(request: Request, user: User = Depends(page_user), db: Session = Depends(get_db)):
+    if not can(user.role, "admin"):
+        raise HTTPException(403)
+    return render(request, "admin.html", user, users=db.scalars(select(User)).all(), roles=ROLES,
+                  servers=request.app.state.router.status(), uplink_key=request.app.state.settings.uplink_key,
+                  base_url=str(request.base_url).rstrip("/"))
+
+
+@router.post("/admin/users")
+def add_user(request: Request, email: str = Form(...), name: str = Form(""), password: str = Form(...),
+             role: str = Form("technician"), csrf_token_: str = Form("", alias="csrf_token"),
+             user: User = Depends(page_user), db: Session = Depends(get_db)):
+    check_csrf(request, csrf_token_)
+    if not can(user.role, "admin"):
+        raise HTTPException(403)
+    email = email.strip().lower()
+    if role not in ROLES or len(password) < 8 or db.scalar(select(User).where(User.email == email)):
+        raise HTTPException(400, "invalid user: unknown role, password under 8 characters, or email taken")
+    db.add(User(email=email, name=name, password_hash=hash_password(password), role=role))
+    db.commit()
+    return RedirectResponse("/admin", status_code=303)
