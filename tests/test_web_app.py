@@ -1,0 +1,287 @@
+"""The web app over real HTTP: pages, API, roles, DICOM de-identification, uplinks."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import threading
+import time
+import zipfile
+
+import numpy as np
+import pytest
+
+from .test_imaging import make_dicom
+from .webapp_helpers import ADMIN, add_user, csrf_of, live_app, new_token, sign_in
+
+
+@pytest.fixture()
+def app_local(tmp_path, classifier):
+    with live_app(tmp_path / "data", classifier=classifier) as (app, base):
+        yield app, base
+
+
+def test_upload_page_flow_and_history(app_local, xray_paths):
+    app, base = app_local
+    c, csrf = sign_in(base)
+    img = xray_paths["covid"][0].read_bytes()
+    r = c.post("/upload", data={"csrf_token": csrf, "patient_code": "EC-001"}, files=[("files", ("cxr.jpg", img, "image/jpeg"))])
+    assert r.status_code == 200 and "/cases/" in str(r.url)
+    assert 'data-testid="probabilities"' in r.text and "not a diagnosis" in r.text
+    case_id = int(str(r.url).rsplit("/", 1)[1])
+    assert c.get(f"/cases/{case_id}/heatmap.png").headers["content-type"] == "image/png"
+    assert c.get(f"/cases/{case_id}/image.png").status_code == 200
+    hist = c.get("/cases", params={"q": "EC-00"})
+    assert f'href="/cases/{case_id}"' in hist.text
+    assert f'href="/cases/{case_id}"' not in c.get("/cases", params={"q": "nobody"}).text
+    assert "Printable report" in c.get(f"/cases/{case_id}/report").text
+    csv_text = c.get("/export.csv").text
+    assert csv_text.splitlines()[0].startswith("id,patient_code") and "EC-001" in csv_text
+
+
+def test_zip_and_several_files(app_local, xray_paths):
+    app, base = app_local
+    c, csrf = sign_in(base)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for p in xray_paths["kermany_normal"][:3]:
+            zf.write(p, p.name)
+    r = c.post("/upload", data={"csrf_token": csrf, "patient_code": "Z-1"},
+               files=[("files", ("batch.zip", buf.getvalue(), "application/zip")),
+                      ("files", ("one.jpeg", xray_paths["adult_normal"][0].read_bytes(), "image/jpeg"))])
+    assert r.status_code == 200 and "/batch" in str(r.url)
+    assert r.text.count('data-testid="result"') == 4
+
+
+def test_csrf_required(app_local, one_xray):
+    app, base = app_local
+    c, _ = sign_in(base)
+    r = c.post("/upload", data={"csrf_token": "forged"}, files=[("files", ("a.jpeg", one_xray.read_bytes(), "image/jpeg"))])
+    assert r.status_code == 403
+
+
+def test_api_auth_failures_and_types(app_local, one_xray):
+    app, base = app_local
+    import httpx
+
+    anon = httpx.Client(base_url=base)
+    files = {"file": ("a.jpeg", one_xray.read_bytes(), "image/jpeg")}
+    assert anon.post("/api/v1/predict", files=files).status_code == 401
+    assert anon.post("/api/v1/predict", files=files, headers={"Authorization": "Bearer cxr_wrong"}).status_code == 401
+    c, csrf = sign_in(base)
+    assert c.post("/api/v1/predict", files=files).status_code == 403  # browser session without the CSRF header
+    tok = new_token(c, csrf)
+    h = {"Authorization": f"Bearer {tok}"}
+    r = anon.post("/api/v1/predict", files=files, data={"patient_code": "API-1"}, headers=h)
+    body = r.json()
+    assert r.status_code == 200 and body["case_id"] and body["label"] and not body["refused"]
+    assert abs(sum(body["probabilities"].values()) - 1) < 1e-5 and body["model_version"]
+    assert anon.get(f"/api/v1/cases/{body['case_id']}", headers=h).json()["patient_code"] == "API-1"
+    r = anon.post("/api/v1/predict", files={"file": ("x.exe", b"MZ\x90\x00" * 100, "application/octet-stream")}, headers=h)
+    assert r.status_code == 415
+    r = anon.post("/api/v1/predict", files={"file": ("x.png", b"not really a png", "image/png")},
+                  headers={**h, "Accept-Language": "es-EC,es;q=0.9"})
+    assert r.status_code == 422 and r.json()["refused"] and r.json()["refusal"]["code"] == "not_an_image"
+    assert "no es una imagen" in r.json()["refusal"]["message"]
+    assert r.json()["case_id"]  # the refusal is logged as a case too
+    schema = anon.get("/openapi.json").json()
+    assert "/api/v1/predict" in schema["paths"]
+
+
+def test_roles(app_local, xray_paths):
+    app, base = app_local
+    admin, csrf = sign_in(base)
+    add_user(admin, csrf, "tech@clinic.ec", "technician")
+    add_user(admin, csrf, "doc@clinic.ec", "doctor")
+    admin.post("/upload", data={"csrf_token": csrf, "patient_code": "ADMIN-CASE"},
+               files=[("files", ("a.jpeg", xray_paths["kermany_normal"][0].read_bytes(), "image/jpeg"))])
+    tech, tcsrf = sign_in(base, "tech@clinic.ec", "user-pass-123")
+    r = tech.post("/upload", data={"csrf_token": tcsrf, "patient_code": "TECH-CASE"},
+                  files=[("files", ("b.jpeg", xray_paths["kermany_pneumonia"][0].read_bytes(), "image/jpeg"))])
+    tech_case = str(r.url).rsplit("/", 1)[1]
+    hist = tech.get("/cases").text
+    assert "TECH-CASE" in hist and "ADMIN-CASE" not in hist
+    assert tech.get("/worklist").status_code == 403 and tech.get("/export.csv").status_code == 403
+    assert tech.get("/admin").status_code == 403
+    admin_case = [line for line in admin.get("/cases?q=ADMIN-CASE").text.split('href="/cases/')[1:]][0].split('"')[0]
+    assert tech.get(f"/cases/{admin_case}").status_code == 404
+    doc, _ = sign_in(base, "doc@clinic.ec", "user-pass-123")
+    assert "TECH-CASE" in doc.get("/cases").text and "ADMIN-CASE" in doc.get("/cases").text
+    wl = doc.get("/worklist")
+    assert wl.status_code == 200 and f'href="/cases/{tech_case}"' in wl.text
+    assert doc.get("/admin").status_code == 403
+    assert "Wrong email or password" in sign_in_fails(base)
+
+
+def sign_in_fails(base):
+    import httpx
+
+    c = httpx.Client(base_url=base, follow_redirects=True)
+    r = c.post("/login", data={"email": ADMIN[0], "password": "nope", "csrf_token": csrf_of(c.get("/login").text)})
+    assert r.status_code == 401
+    return r.text
+
+
+def test_worklist_orders_by_risk(app_local, xray_paths):
+    app, base = app_local
+    c, csrf = sign_in(base)
+    for p in xray_paths["kermany_normal"][:2] + xray_paths["covid"][:2]:
+        c.post("/upload", data={"csrf_token": csrf}, files=[("files", (p.name, p.read_bytes(), "image/jpeg"))])
+    from web_app.db import Case
+
+    with app.state.SessionLocal() as db:
+        risks = {c.id: c.risk for c in db.query(Case).all()}
+    order = [int(x.split('"')[0]) for x in c.get("/worklist").text.split('<td><a href="/cases/')[1:]]
+    assert [risks[i] for i in order] == sorted(risks.values(), reverse=True)
+
+
+def test_dicom_is_deidentified_before_storage(app_local, xray_paths):
+    import pydicom
+    from PIL import Image
+
+    app, base = app_local
+    c, csrf = sign_in(base)
+    dcm = make_dicom(np.asarray(Image.open(xray_paths["adult_normal"][0]).convert("L")))
+    r = c.post("/upload", data={"csrf_token": csrf, "patient_code": "EC-DCM-7"}, files=[("files", ("study.dcm", dcm, "application/dicom"))])
+    assert r.status_code == 200
+    stored = list((app.state.settings.upload_dir).glob("*.dcm"))
+    assert len(stored) == 1
+    raw = stored[0].read_bytes()
+    assert b"Doe^Jane" not in raw and b"HOSP-123456" not in raw and b"Hospital General" not in raw
+    ds = pydicom.dcmread(stored[0])
+    assert str(ds.PatientName) == "EC-DCM-7" and "PatientBirthDate" not in ds
+
+
+def test_model_unavailable_keeps_the_upload(tmp_path, one_xray, tiny_model):
+    from uplink_server.model import Classifier
+
+    with live_app(tmp_path / "d", classifier=None) as (app, base):
+        c, csrf = sign_in(base)
+        tok = new_token(c, csrf)
+        import httpx
+
+        api = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {tok}"}, timeout=60)
+        r = api.post("/api/v1/predict", files={"file": ("a.jpeg", one_xray.read_bytes(), "image/jpeg")})
+        assert r.status_code == 503 and r.json()["status"] == "pending" and r.json()["case_id"]
+        case_id = r.json()["case_id"]
+        page = c.get(f"/cases/{case_id}").text
+        assert "No model is available right now" in page
+        # a model becomes available; the kept image is classified on retry
+        app.state.router.local = Classifier(tiny_model)
+        r = api.post(f"/api/v1/cases/{case_id}/retry")
+        assert r.status_code == 200 and r.json()["status"] == "done"
+
+
+# --- uplinks ---------------------------------------------------------------------
+
+def _run_client_in_thread(client):
+    loop = asyncio.new_event_loop()
+    th = threading.Thread(target=lambda: loop.run_until_complete(client.run_forever()), daemon=True)
+    th.start()
+    return loop, th
+
+
+def _api(base, app_client_pair=None):
+    import httpx
+
+    c, csrf = sign_in(base)
+    return httpx.Client(base_url=base, headers={"Authorization": f"Bearer {new_token(c, csrf)}"}, timeout=60)
+
+
+def _wait(pred, timeout=20.0):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if pred():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_remote_model_server_serves_and_reconnects(tmp_path, tiny_model, one_xray):
+    from uplink_server.model import Classifier
+    from uplink_server.uplink import UplinkClient
+
+    from .webapp_helpers import free_port
+
+    port, data = free_port(), tmp_path / "d"
+    files = {"file": ("a.jpeg", one_xray.read_bytes(), "image/jpeg")}
+    client = None
+    with live_app(data, classifier=None, port=port) as (app, base):
+        client = UplinkClient(base, app.state.settings.uplink_key, Classifier(tiny_model), max_concurrency=2,
+                              name="gpu-box", heartbeat_s=2, backoff_max_s=1.5)
+        _run_client_in_thread(client)
+        assert _wait(lambda: app.state.router.uplinks)
+        r = _api(base).post("/api/v1/predict", files=files)
+        assert r.status_code == 200 and r.json()["served_by"] == "uplink:gpu-box"
+    assert _wait(lambda: not client.connected.is_set())
+    # the web app comes back on the same address: the model server reconnects by itself
+    with live_app(data, classifier=None, port=port) as (app, base):
+        assert _wait(lambda: app.state.router.uplinks, 30)
+        r = _api(base).post("/api/v1/predict", files=files)
+        assert r.status_code == 200 and r.json()["served_by"] == "uplink:gpu-box"
+    client.stop()
+
+
+def test_wrong_uplink_key_is_refused(tmp_path, tiny_model):
+    from uplink_server.model import Classifier
+    from uplink_server.uplink import AuthenticationFailed, UplinkClient
+
+    with live_app(tmp_path / "d", classifier=None) as (app, base):
+        client = UplinkClient(base, "wrong-key", Classifier(tiny_model))
+        with pytest.raises(AuthenticationFailed):
+            asyncio.run(client.run_forever())
+        assert not app.state.router.uplinks
+
+
+@pytest.mark.parametrize("with_local", [True, False])
+def test_model_server_disconnecting_mid_request(tmp_path, classifier, one_xray, with_local):
+    import websockets
+
+    from uplink_server.uplink import ws_url
+
+    with live_app(tmp_path / "d", classifier=classifier if with_local else None) as (app, base):
+        got_request = threading.Event()
+
+        async def rogue():
+            async with websockets.connect(ws_url(base), additional_headers={"Authorization": f"Bearer {app.state.settings.uplink_key}"}) as ws:
+                await ws.send(json.dumps({"type": "hello", "name": "flaky", "capacity": 1}))
+                await ws.recv()
+                msg = json.loads(await ws.recv())
+                assert msg["type"] == "predict" and base64.b64decode(msg["data"])[:2] == b"\xff\xd8"
+                got_request.set()
+                # the link drops without an answer
+
+        th = threading.Thread(target=lambda: asyncio.run(rogue()), daemon=True)
+        th.start()
+        assert _wait(lambda: app.state.router.uplinks)
+        r = _api(base).post("/api/v1/predict", files={"file": ("a.jpeg", one_xray.read_bytes(), "image/jpeg")})
+        assert got_request.is_set()
+        assert not app.state.router.uplinks  # taken out of rotation
+        if with_local:
+            assert r.status_code == 200 and r.json()["served_by"] == "local"
+        else:
+            assert r.status_code == 503 and r.json()["status"] == "pending"
+            stored = [p for p in app.state.settings.upload_dir.iterdir() if p.suffix == ".jpeg"]
+            assert len(stored) == 1  # nothing lost
+
+
+@pytest.mark.postgres
+def test_postgres_database(tmp_path, classifier, one_xray):
+    psycopg = pytest.importorskip("psycopg")
+    url = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+    try:
+        conn = psycopg.connect("postgresql://postgres@127.0.0.1:5432/test", connect_timeout=3)
+    except Exception as exc:
+        pytest.skip(f"PostgreSQL not reachable: {exc}")
+    with conn:
+        conn.execute("DROP TABLE IF EXISTS audit_log, api_tokens, cases, users, alembic_version CASCADE")
+    with live_app(tmp_path / "d", classifier=classifier, database_url=url) as (app, base):
+        r = _api(base).post("/api/v1/predict", files={"file": ("a.jpeg", one_xray.read_bytes(), "image/jpeg")},
+                            data={"patient_code": "PG-1"})
+        assert r.status_code == 200
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/test") as conn:
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0001"
+        assert conn.execute("SELECT count(*) FROM cases WHERE patient_code = 'PG-1'").fetchone()[0] == 1
+        conn.execute("DROP TABLE IF EXISTS audit_log, api_tokens, cases, users, alembic_version CASCADE")
