@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--epochs", type=int, default=None, help="override the study's epochs per regime (5/10/10)")
     cp.add_argument("--out", default="runs/compare")
     _add_train_args(cp, compare=True)
+    q = sub.add_parser("quantize", help="int8 (static, QDQ) copy of an exported model, calibrated on real images")
+    q.add_argument("--model", required=True)
+    q.add_argument("--data", action="append", required=True, help="calibration images (their train/val split is used)")
+    q.add_argument("--out", required=True)
+    q.add_argument("--images", type=int, default=200)
     sub.add_parser("archs", help="list registered architectures")
     return ap
 
@@ -106,6 +111,16 @@ def main(argv: list[str] | None = None) -> int:
             except ModelNotFound as exc:
                 raise DataError(str(exc)) from None
             print(json.dumps(res, indent=2) if args.json else format_report(res))
+        elif args.cmd == "quantize":
+            import random
+
+            from .datasets import load_spec
+            from .quantize import quantize_model
+
+            recs = [r for spec in args.data for r in load_spec(spec) if r.split in ("", "train", "val")]
+            random.Random(0).shuffle(recs)
+            out = quantize_model(Path(args.model), Path(args.out), [r.path for r in recs], args.images)
+            print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
         elif args.cmd == "compare":
             from .compare import compare
 
