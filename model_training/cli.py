@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--data", action="append", required=True, help="calibration images (their train/val split is used)")
     q.add_argument("--out", required=True)
     q.add_argument("--images", type=int, default=200)
+    rl = sub.add_parser("release", help="ship a run's model into weights/ with evaluation, shortcut checks, int8 copy and cards")
+    rl.add_argument("--run", required=True)
+    rl.add_argument("--name", default="cxr-screen")
+    rl.add_argument("--out", default="weights")
+    rl.add_argument("--version", required=True)
+    rl.add_argument("--no-int8", action="store_true")
     sub.add_parser("archs", help="list registered architectures")
     return ap
 
@@ -121,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
             random.Random(0).shuffle(recs)
             out = quantize_model(Path(args.model), Path(args.out), [r.path for r in recs], args.images)
             print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+        elif args.cmd == "release":
+            from .release import release
+
+            card = release(Path(args.run), args.name, Path(args.out), args.version, quantize=not args.no_int8)
+            print(json.dumps({k: card["evaluation"][k]["accuracy"] for k in ("kermany_official_test", "run_test_split")}))
         elif args.cmd == "compare":
             from .compare import compare
 

@@ -186,8 +186,13 @@ def check_files(records: list[Record]) -> None:
 
 
 def write_manifest(records: list[Record], path: Path) -> None:
+    """Write records as a manifest; paths relative to its folder, so that the
+    repository and the data can move together to another machine."""
+    base = Path(path).resolve().parent
     with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS)
         w.writeheader()
         for r in records:
-            w.writerow(r.to_row())
+            row = r.to_row()
+            row["path"] = os.path.relpath(r.path, base)
+            w.writerow(row)

@@ -111,7 +111,22 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe the model")
     i.add_argument("--model", default=None)
     i.set_defaults(fn=cmd_info)
+    k = sub.add_parser("keras-card", help="write the card a Keras (.keras/.h5) model needs to be served")
+    k.add_argument("model")
+    k.add_argument("--classes", required=True, help="comma-separated, in the model's output order")
+    k.add_argument("--size", type=int, required=True)
+    k.add_argument("--mean", type=float, default=0.5, help="in [0,1] units; Xception/Inception: 0.5")
+    k.add_argument("--std", type=float, default=0.5)
+    k.add_argument("--activation", choices=["logits", "softmax"], default="logits")
+    k.set_defaults(fn=cmd_keras_card)
     return ap
+
+
+def cmd_keras_card(args) -> int:
+    from .keras_backend import write_card
+
+    print(write_card(Path(args.model), [c.strip() for c in args.classes.split(",")], args.size, args.mean, args.std, args.activation))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

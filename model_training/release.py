@@ -1,0 +1,141 @@
+"""Turn a training run into a shipped model in weights/: copy, evaluate on the
+official test sets, run the shortcut checks, quantize, write the cards.
+
+    python -m model_training release --run runs/cxr-screen-v1 --name cxr-screen --out weights
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .evaluate import evaluate
+from .model_card import card_markdown
+
+
+def _rate(m: dict, true_cls: str, pred_cls: str) -> dict:
+    classes = m["classes"]
+    cm = np.asarray(m["confusion_matrix"])
+    i, j = classes.index(true_cls), classes.index(pred_cls)
+    n = int(cm[i].sum())
+    return {"n": n, "count": int(cm[i, j]), "rate": float(cm[i, j] / n) if n else None}
+
+
+def shortcut_checks(run_eval: dict) -> tuple[dict, list[str]]:
+    """Per source and age group: how often a group is called something for being that group."""
+    src = run_eval["by_source"]
+    checks, lines = {}, []
+
+    def add(key, source, t, p, text):
+        if source in src and {t, p} <= set(src[source]["classes"]):
+            r = _rate(src[source], t, p)
+            if r["n"]:
+                checks[key] = {"source": source, **r}
+                lines.append(f"{text}: {r['count']}/{r['n']} = {r['rate']:.1%}")
+
+    add("adult_normals_called_covid", "radiography", "normal", "covid19", "Adult normals (radiography/, US NIH/RSNA) called COVID-19")
+    add("adult_covid_called_normal", "radiography", "covid19", "normal", "Adult COVID-19 (radiography/, mostly Spain) called normal")
+    add("children_normal_called_pneumonia", "kermany", "normal", "pneumonia", "Children's normals (Kermany) called pneumonia")
+    add("children_called_covid_normal", "kermany", "normal", "covid19", "Children's normals (Kermany) called COVID-19")
+    add("children_pneumonia_called_covid", "kermany", "pneumonia", "covid19", "Children's pneumonia (Kermany) called COVID-19")
+    for s in sorted(src):
+        if s.startswith("covid/"):
+            for t in ("normal", "pneumonia"):
+                add(f"{s}_{t}_called_covid", s, t, "covid19", f"Adult {t} from the COVID collection {s} called COVID-19")
+    lines.append("Within-source negatives for COVID-19 are scarce (22 normals and 76 other pneumonias in covid/, "
+                 "split across train/val/test): the COVID-19 sensitivity/specificity above mostly compares hospitals "
+                 "as well as diseases, and the data cannot show how much of it is the disease alone.")
+    return checks, lines
+
+
+def release(run: Path, name: str, out: Path, version: str, quantize: bool = True, progress: bool = True) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    card = json.loads((run / "model_card.json").read_text())
+    card["name"], card["version"] = name, version
+    card["ood"]["file"] = f"{name}.ood.npz"
+    shutil.copy(run / "model.onnx", out / f"{name}.onnx")
+    shutil.copy(run / "ood.npz", out / f"{name}.ood.npz")
+    for plot in ("learning_curves.png", "confusion_matrix.png", "roc.png"):
+        shutil.copy(run / plot, out / f"{name}.{plot}")
+    (out / f"{name}.card.json").write_text(json.dumps(card, indent=2))
+    model = out / f"{name}.onnx"
+    # the numbers anyone can reproduce with `python -m model_training evaluate`
+    public = evaluate(model, ["public"], "auto", progress=progress)
+    run_test = evaluate(model, [str(run / "splits.csv")], "test", progress=progress)
+    checks, lines = shortcut_checks(run_test)
+    card["evaluation"] = {
+        "kermany_official_test": _strip(public),
+        "run_test_split": _strip(run_test),
+        "commands": [f"python -m model_training evaluate --model {out}/{name}.onnx --data public",
+                     f"python -m model_training evaluate --model {out}/{name}.onnx --data {out}/{name}.splits.csv --split test"],
+    }
+    from .datasets import load_spec, write_manifest
+
+    write_manifest(load_spec(str(run / "splits.csv")), out / f"{name}.splits.csv")
+    card["shortcut_checks"] = lines
+    card["shortcut_check_counts"] = checks
+    card["files"] = {"onnx_mb": round(model.stat().st_size / 1e6, 2)}
+    if quantize:
+        import random
+
+        from .datasets import load_spec
+        from .quantize import quantize_model
+
+        recs = [r for r in load_spec(str(run / "splits.csv")) if r.split == "train"]
+        random.Random(0).shuffle(recs)
+        q = quantize_model(model, out / f"{name}.int8.onnx", [r.path for r in recs], 200)
+        qcard = dict(card, name=f"{name}-int8", format="onnx-int8")
+        (out / f"{name}.int8.card.json").write_text(json.dumps(qcard, indent=2))
+        q_public = evaluate(q, ["public"], "auto", progress=progress)
+        q_test = evaluate(q, [str(run / "splits.csv")], "test", progress=progress)
+        qcard["evaluation"] = {"kermany_official_test": _strip(q_public), "run_test_split": _strip(q_test)}
+        qcard["files"] = {"onnx_mb": round(q.stat().st_size / 1e6, 2)}
+        qcard["int8_vs_fp32_accuracy_points"] = {
+            "kermany_official_test": round(100 * (q_public["accuracy"] - public["accuracy"]), 2),
+            "run_test_split": round(100 * (q_test["accuracy"] - run_test["accuracy"]), 2),
+        }
+        card["int8"] = {"file": f"{name}.int8.onnx", **qcard["int8_vs_fp32_accuracy_points"], "mb": qcard["files"]["onnx_mb"]}
+        (out / f"{name}.int8.card.json").write_text(json.dumps(qcard, indent=2))
+    (out / f"{name}.card.json").write_text(json.dumps(card, indent=2))
+    (out / f"{name}.card.md").write_text(release_markdown(card, name))
+    return card
+
+
+def _strip(res: dict) -> dict:
+    keep = ("n", "accuracy", "loss", "f1_macro", "roc_auc_macro", "ece", "per_class", "confusion_matrix", "classes",
+            "normal_vs_abnormal", "covid19_vs_rest", "ood_refusal_rate", "data")
+    out = {k: res[k] for k in keep if k in res}
+    out["by_source"] = {s: {k: m[k] for k in ("n", "accuracy", "confusion_matrix")} for s, m in res["by_source"].items()}
+    return out
+
+
+def release_markdown(card: dict, name: str) -> str:
+    md = card_markdown(card).replace("![learning curves](learning_curves.png) ![confusion matrix](confusion_matrix.png) ![ROC](roc.png)",
+                                     f"![learning curves]({name}.learning_curves.png) ![confusion matrix]({name}.confusion_matrix.png) ![ROC]({name}.roc.png)")
+    ev = card.get("evaluation", {})
+    lines = ["", "## Reproducible evaluation", ""]
+    for key, title in (("kermany_official_test", "Kermany official test (624 children; normal vs pneumonia)"),
+                       ("run_test_split", "Patient-disjoint test split of the training run (all sources)")):
+        if key not in ev:
+            continue
+        e = ev[key]
+        lines.append(f"**{title}**: n={e['n']}, accuracy {e['accuracy']:.4f}, F1 macro {e['f1_macro']:.4f}, "
+                     f"ROC-AUC macro {e['roc_auc_macro'] if e['roc_auc_macro'] is None else round(e['roc_auc_macro'], 4)}, ECE {e['ece']:.4f}")
+        if "normal_vs_abnormal" in e:
+            op = e["normal_vs_abnormal"]
+            lines.append(f"- normal vs abnormal: accuracy {op['accuracy_at_0.5']:.4f}, ROC-AUC {op['roc_auc']:.4f}")
+        if "covid19_vs_rest" in e and e["covid19_vs_rest"].get("roc_auc") is not None:
+            op = e["covid19_vs_rest"]
+            lines.append(f"- COVID-19 vs rest: ROC-AUC {op['roc_auc']:.4f}; sensitivity {op['sensitivity']:.4f} at specificity {op['specificity']:.4f}")
+        if "ood_refusal_rate" in e:
+            lines.append(f"- real X-rays the gate would refuse: {e['ood_refusal_rate']:.2%}")
+        lines.append("")
+    lines += [f"Reproduce: `{c}`" for c in ev.get("commands", [])]
+    if "int8" in card:
+        lines += ["", f"**int8 variant** `{card['int8']['file']}` ({card['int8']['mb']} MB): accuracy change vs fp32 "
+                  f"{card['int8']['kermany_official_test']:+.2f} points (Kermany test), {card['int8']['run_test_split']:+.2f} points (run test split)."]
+    lines += ["", f"File size: {card['files']['onnx_mb']} MB (ONNX fp32)", ""]
+    return md + "\n".join(lines)
