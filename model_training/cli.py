@@ -109,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
 
             train(_config(args))
         elif args.cmd == "evaluate":
-            from .evaluate import evaluate, format_report
             from uplink_server.model import ModelNotFound
+
+            from .evaluate import evaluate, format_report
 
             try:
                 res = evaluate(args.model, args.data, args.split, args.out, progress=not args.no_progress)

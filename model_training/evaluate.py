@@ -15,7 +15,12 @@ from uplink_server.model import Classifier
 
 from . import plots
 from .datasets import check_files, load_spec
-from .metrics import binary_operating_point, compute_metrics, metrics_by_group, summary_line
+from .metrics import (
+    binary_operating_point,
+    compute_metrics,
+    metrics_by_group,
+    summary_line,
+)
 
 
 def select_split(records, split: str):

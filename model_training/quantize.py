@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 
 def quantize_model(model_path: Path, out_path: Path, calib_paths: list[str], max_images: int = 200) -> Path:
     import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from uplink_server.imaging import decode

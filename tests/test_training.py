@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from model_training.cli import main  # noqa: E402
-from model_training.datasets import DataError, load_spec  # noqa: E402
+from model_training.datasets import load_spec  # noqa: E402
 from model_training.labels import CLASSES, LabelError, canonical_label  # noqa: E402
 from model_training.splits import check_patient_disjoint, group_key, make_splits  # noqa: E402
 

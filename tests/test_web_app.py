@@ -285,3 +285,14 @@ def test_postgres_database(tmp_path, classifier, one_xray):
         assert conn.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0001"
         assert conn.execute("SELECT count(*) FROM cases WHERE patient_code = 'PG-1'").fetchone()[0] == 1
         conn.execute("DROP TABLE IF EXISTS audit_log, api_tokens, cases, users, alembic_version CASCADE")
+
+
+def test_oversized_upload_refused_without_500(tmp_path, classifier, one_xray):
+    with live_app(tmp_path / "d", classifier=classifier, max_upload_mb=1) as (app, base):
+        api = _api(base)
+        big = one_xray.read_bytes() + b"\0" * (2 * 1024 * 1024)
+        r = api.post("/api/v1/predict", files={"file": ("big.jpeg", big, "image/jpeg")})
+        assert r.status_code == 413 and r.json()["refusal"]["code"] == "file_too_large"
+        c, csrf = sign_in(base)
+        r = c.post("/upload", data={"csrf_token": csrf}, files=[("files", ("big.jpeg", big, "image/jpeg"))])
+        assert r.status_code == 413 and "too large" in r.text

@@ -39,6 +39,15 @@ class Upload:
     data: bytes
 
 
+async def read_upload(f, settings: Settings) -> Upload:
+    """Read at most the size limit (+1 byte to notice a larger file) into memory."""
+    limit = settings.max_upload_mb * 1024 * 1024
+    data = await f.read(limit + 1)
+    if len(data) > limit:
+        raise UploadError("file_too_large", f"{f.filename}: larger than {settings.max_upload_mb} MB", 413)
+    return Upload(f.filename or "upload", data)
+
+
 def expand_uploads(uploads: list[Upload], settings: Settings) -> list[Upload]:
     """Unpack ZIP archives (bounded) and reject obviously wrong file types."""
     out: list[Upload] = []

@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi import (
+    APIRouter,
+    Depends,
+    File,
+    Form,
+    HTTPException,
+    Query,
+    Request,
+    UploadFile,
+)
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
 from uplink_server import NOTICE
 
-from ..cases import Upload, UploadError, case_dict, classify_case, create_case, expand_uploads, export_csv
-from ..db import Case, User
+from ..cases import (
+    UploadError,
+    case_dict,
+    classify_case,
+    create_case,
+    expand_uploads,
+    export_csv,
+    read_upload,
+)
+from ..db import User
 from ..deps import api_user, get_db, lang_of
 from ..i18n import refusal_text
 from ..security import can
@@ -58,7 +75,7 @@ async def predict(request: Request, file: UploadFile = File(...), patient_code: 
         raise HTTPException(403, "not allowed to upload")
     settings = request.app.state.settings
     try:
-        items = expand_uploads([Upload(file.filename or "upload", await file.read())], settings)
+        items = expand_uploads([await read_upload(file, settings)], settings)
     except UploadError as exc:
         return JSONResponse({"detail": exc.message, "refusal": {"code": exc.code, "message": refusal_text(exc.code, lang_of(request), exc.message)}},
                             status_code=exc.status)

@@ -5,14 +5,30 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi import (
+    APIRouter,
+    Depends,
+    File,
+    Form,
+    HTTPException,
+    Request,
+    UploadFile,
+)
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from uplink_server import NOTICE
 
-from ..cases import Upload, UploadError, classify_case, create_case, expand_uploads, export_csv, visible_cases
+from ..cases import (
+    UploadError,
+    classify_case,
+    create_case,
+    expand_uploads,
+    export_csv,
+    read_upload,
+    visible_cases,
+)
 from ..db import ROLES, ApiToken, AuditLog, Case, User
 from ..deps import check_csrf, csrf_token, get_db, lang_of, page_user
 from ..i18n import LANGUAGES, refusal_text, translate
@@ -87,8 +103,8 @@ async def upload(request: Request, files: list[UploadFile] = File(default=[]), p
                  db: Session = Depends(get_db)):
     check_csrf(request, csrf_token_)
     settings = request.app.state.settings
-    uploads = [Upload(f.filename or "upload", await f.read()) for f in files if f.filename]
     try:
+        uploads = [await read_upload(f, settings) for f in files if f.filename]
         items = expand_uploads(uploads, settings)
     except UploadError as exc:
         lang = lang_of(request)

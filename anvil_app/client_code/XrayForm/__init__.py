@@ -1,6 +1,7 @@
-from ._anvil_designer import XrayFormTemplate
-from anvil import *
 import anvil.server
+from anvil import *
+
+from ._anvil_designer import XrayFormTemplate
 
 NOTICE = ("Screening support only, not a diagnosis: every result must be confirmed "
           "by a qualified clinician.")
