@@ -1,6 +1,6 @@
 """Serving speed on this machine: the whole path, and batch throughput.
 
-    python benchmarks/bench_inference.py [--model weights/cxr-screen.onnx] [--int8 weights/cxr-screen.int8.onnx]
+    python -m benchmarks.bench_inference [--model weights/cxr-screen.onnx] [--int8 weights/cxr-screen.int8.onnx]
 
 Single image: decode + preprocess + inference + heatmap (p50/p95 over real
 X-rays from ../shared/data). Batch: images/s through ONNX Runtime, and the same

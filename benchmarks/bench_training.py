@@ -1,6 +1,6 @@
 """Training and torch-eager inference speed per architecture on this machine.
 
-    python benchmarks/bench_training.py [--archs vgg16,inception_v3,efficientnet_lite0] [--batch 8]
+    python -m benchmarks.bench_training [--archs vgg16,inception_v3,efficientnet_lite0] [--batch 8]
 
 Prints images/s for: a training step with the backbone frozen (the study's
 feature extractor), a full fine-tuning step, and eager inference.

@@ -12,6 +12,7 @@ from tqdm import tqdm
 from uplink_server.errors import Refusal
 from uplink_server.imaging import decode
 from uplink_server.model import Classifier
+from uplink_server.ood import thumbnail
 
 from . import plots
 from .datasets import check_files, load_spec
@@ -45,7 +46,7 @@ def evaluate(model_path: str | Path, data: list[str], split: str = "auto", out: 
     unknown = sorted({r.label for r in records} - set(clf.classes))
     if unknown:
         raise ValueError(f"the data has classes the model does not know: {unknown} (model classes: {clf.classes})")
-    logits, embs, y, kept, unreadable = [], [], [], [], []
+    logits, embs, thumbs, y, kept, unreadable = [], [], [], [], [], []
     batch, batch_recs = [], []
 
     def flush():
@@ -59,7 +60,10 @@ def evaluate(model_path: str | Path, data: list[str], split: str = "auto", out: 
 
     for r in tqdm(records, desc="evaluate", disable=not progress):
         try:
-            batch.append(clf.preprocess(decode(r.path)))
+            image = decode(r.path)
+            batch.append(clf.preprocess(image))
+            if clf.gate is not None:
+                thumbs.append(thumbnail(image.gray))
         except Refusal as exc:
             unreadable.append({"path": r.path, "reason": exc.message})
             continue
@@ -89,7 +93,7 @@ def evaluate(model_path: str | Path, data: list[str], split: str = "auto", out: 
         k = clf.classes.index("covid19")
         res["covid19_vs_rest"] = binary_operating_point((y == k).astype(int), probs[:, k])
     if embs and clf.gate is not None:
-        scores = clf.gate.score(np.concatenate(embs))
+        scores = clf.gate.score(np.concatenate(embs), np.stack(thumbs))
         res["ood_refusal_rate"] = float((scores > clf.gate.threshold).mean())
     if out:
         out = Path(out)

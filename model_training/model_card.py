@@ -15,6 +15,11 @@ INTENDED_USE = (
     "Screening support for frontal (PA/AP) chest radiographs in settings without a radiologist at hand: "
     "prioritise the worklist and flag studies for review. " + NOTICE
 )
+KNN_GATE_METHOD = (
+    "k-nearest-neighbour distance (k=3) to 2000 training X-rays in the model's embedding and in a 16x16 thumbnail, "
+    "each scaled by its 99th percentile on validation X-rays; threshold at the 99.5th percentile of the summed "
+    "score on validation X-rays"
+)
 KNOWN_LIMITS = [
     "Source and age confound the labels: every Kermany image is a child (Guangzhou), every COVID-19 and adult "
     "image an adult from other hospitals (US normals; most COVID-19 from Spain). Part of any accuracy may come "
@@ -53,7 +58,7 @@ def build_card(*, cfg, arch, classes, spec, aug, records, metrics, calibration, 
         "calibration": calibration,
         "uncertain_threshold": cfg.uncertain_threshold,
         "ood": {"file": "ood.npz", "threshold": ood_threshold,
-                "method": "PPCA Mahalanobis distance of the pooled embedding; threshold at 1.25x the 99.5th percentile of validation X-rays"},
+                "method": KNN_GATE_METHOD},
         "intended_use": INTENDED_USE,
         "known_limits": KNOWN_LIMITS,
         "training": {

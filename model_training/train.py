@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from uplink_server.errors import Refusal
 from uplink_server.imaging import decode
-from uplink_server.ood import fit_gate
+from uplink_server.ood import fit_gate_from_onnx
 from uplink_server.preprocessing import PreprocessSpec, preprocess
 
 from . import plots
@@ -173,6 +173,9 @@ def prepare_data(cfg: TrainConfig, out: Path) -> tuple[list[Record], list[str], 
         for d in dups:
             w.writerow([d.a, d.split_a, d.b, d.split_b, d.distance])
     info = {"splits": summarize(records), "near_duplicates_across_splits": len(dups), "unreadable_skipped": len(bad)}
+    print(f"data: {info['splits']}; classes {classes}", flush=True)
+    if dups:
+        print(f"warning: {len(dups)} near-duplicate pair(s) across splits, listed in {out / 'near_duplicates.csv'}", flush=True)
     return records, classes, info
 
 
@@ -276,6 +279,15 @@ def train(cfg: TrainConfig) -> Path:
                     train_minutes, data_info, arch, loader_kw)
 
 
+def fit_ood_gate(model_path: Path, spec, by_split: dict, seed: int = 0, n_fit: int = 2000, n_held: int = 1000):
+    rng = random.Random(seed)
+    fit = [r.path for r in by_split["train"]]
+    held = [r.path for r in by_split["val"]]
+    rng.shuffle(fit)
+    rng.shuffle(held)
+    return fit_gate_from_onnx(model_path, spec, fit[:n_fit], held[:n_held])
+
+
 def finalize(model, cfg, out, classes, spec, aug_cfg, records, by_split, eval_loaders, history, best_epoch,
              train_minutes, data_info, arch, loader_kw) -> Path:
     """Calibrate, evaluate per split and source, export ONNX, fit the OOD gate, write the card."""
@@ -307,17 +319,11 @@ def finalize(model, cfg, out, classes, spec, aug_cfg, records, by_split, eval_lo
     lg, _, y = outputs[split_name]
     plots.roc(y, calibrated_probs(lg, temperature), classes, out / "roc.png", f"ROC, {split_name} split")
 
-    # OOD gate: fit on (unaugmented) training embeddings, threshold on validation X-rays
-    fit_recs = by_split["train"]
-    if len(fit_recs) > 3000:
-        fit_recs = random.Random(cfg.seed).sample(fit_recs, 3000)
-    fit_loader = DataLoader(XrayDataset(fit_recs, classes, spec), shuffle=False, **loader_kw)
-    _, fit_emb, _ = predict_all(model, fit_loader, cfg.progress, "fit OOD gate")
-    gate = fit_gate(fit_emb, val_emb)
-    gate.save(out / "ood.npz")
-
     check = np.stack([eval_loaders["val"].dataset[i][0].numpy() for i in range(min(4, len(eval_loaders["val"].dataset)))])
     export_report = export_onnx(model, out / "model.onnx", spec.size, check_inputs=check)
+    # OOD gate: reference X-rays from training, threshold from validation X-rays, through the exported model
+    gate = fit_ood_gate(out / "model.onnx", spec, by_split, cfg.seed)
+    gate.save(out / "ood.npz")
     card = build_card(
         cfg=cfg, arch=arch, classes=classes, spec=spec, aug=aug_cfg, records=records, metrics=metrics,
         calibration=calibration, history=history, best_epoch=best_epoch, train_minutes=train_minutes,

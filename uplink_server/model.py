@@ -104,7 +104,7 @@ class Classifier:
         self.gate = None
         ood_file = card.get("ood", {}).get("file")
         if ood_file and (self.card_dir / ood_file).is_file():
-            self.gate = ood.EmbeddingGate.load(self.card_dir / ood_file)
+            self.gate = ood.XrayGate.load(self.card_dir / ood_file)
         self._backend = self._load_backend(path, threads)
 
     # --- backends ---------------------------------------------------------------
@@ -154,7 +154,7 @@ class Classifier:
             x = self.preprocess(image)[None]
             logits, cam, emb = self.run(x)
             if check_ood and self.gate is not None and emb is not None:
-                pred.ood_score = float(self.gate.score(emb)[0])
+                pred.ood_score = float(self.gate.score(emb, ood.thumbnail(image.gray)[None])[0])
                 if pred.ood_score > self.gate.threshold:
                     raise Refusal("not_chest_xray")
         except Refusal as r:

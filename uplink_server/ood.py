@@ -1,9 +1,12 @@
 """Out-of-distribution gate: is this a usable frontal chest X-ray?
 
 Two layers. Cheap image checks first (blank, colour photograph). Then a
-probabilistic-PCA Mahalanobis distance of the model's embedding from the
-training X-rays, with a threshold calibrated on held-out real X-rays. Fitting
-and scoring are numpy-only, so training and serving share this module.
+k-nearest-neighbour distance to real training X-rays, in two spaces: the
+model's own embedding (cosine), and a tiny normalised thumbnail of the image
+(16x16: the layout of lungs, mediastinum and diaphragm). Each distance is scaled by its 99th
+percentile on held-out X-rays and the sum is compared with a threshold set on
+held-out X-rays. Fitting and scoring are numpy-only, so training and serving
+share this module.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from .errors import Refusal
+from .preprocessing import resize_gray
 
 BLANK_STD = 0.02  # gray std below this: blank or uniform
 COLOR_LIMIT = 0.08  # mean chroma above this: a colour photograph
+THUMB = 16
 
 
 def check_image(gray: np.ndarray, colorfulness: float) -> None:
@@ -27,59 +32,80 @@ def check_image(gray: np.ndarray, colorfulness: float) -> None:
         raise Refusal("color_photo")
 
 
+def thumbnail(gray: np.ndarray, size: int = THUMB) -> np.ndarray:
+    """Zero-mean, unit-norm size x size thumbnail (float32)."""
+    t = resize_gray(gray, (size, size)).ravel().astype(np.float32)
+    t -= t.mean()
+    return t / (np.linalg.norm(t) + 1e-6)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.atleast_2d(np.asarray(x, np.float32))
+    return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)
+
+
 @dataclass
-class EmbeddingGate:
-    mean: np.ndarray  # (D,)
-    components: np.ndarray  # (k, D) principal axes
-    variances: np.ndarray  # (k,)
-    residual_variance: float  # per discarded dimension
+class XrayGate:
+    emb_ref: np.ndarray  # (N, D) unit-norm training embeddings
+    thumb_ref: np.ndarray  # (N, T) unit-norm training thumbnails
+    k: int
+    emb_scale: float
+    thumb_scale: float
     threshold: float
 
-    def score(self, emb: np.ndarray) -> np.ndarray:
-        """Squared PPCA Mahalanobis distance, divided by D (≈1 for typical X-rays)."""
-        emb = np.atleast_2d(emb).astype(np.float64)
-        c = emb - self.mean
-        z = c @ self.components.T
-        resid = (c * c).sum(axis=1) - (z * z).sum(axis=1)
-        d = (z * z / self.variances).sum(axis=1) + np.maximum(resid, 0) / self.residual_variance
-        return d / emb.shape[1]
+    def _knn(self, ref: np.ndarray, x: np.ndarray) -> np.ndarray:
+        sims = x @ ref.T
+        k = min(self.k, ref.shape[0])
+        return 1.0 - np.partition(sims, -k, axis=1)[:, -k]
 
-    def is_outlier(self, emb: np.ndarray) -> np.ndarray:
-        return self.score(emb) > self.threshold
+    def score(self, emb: np.ndarray, thumbs: np.ndarray) -> np.ndarray:
+        """About 1-2 for real X-rays; larger is further from them."""
+        e = self._knn(self.emb_ref.astype(np.float32), _unit(emb))
+        t = self._knn(self.thumb_ref.astype(np.float32), _unit(thumbs))
+        return e / self.emb_scale + t / self.thumb_scale
 
     def save(self, path: Path) -> None:
-        np.savez_compressed(
-            path, mean=self.mean.astype(np.float32), components=self.components.astype(np.float32),
-            variances=self.variances.astype(np.float32), residual_variance=np.float64(self.residual_variance),
-            threshold=np.float64(self.threshold),
-        )
+        np.savez_compressed(path, emb_ref=self.emb_ref.astype(np.float16), thumb_ref=self.thumb_ref.astype(np.float16),
+                            k=self.k, emb_scale=self.emb_scale, thumb_scale=self.thumb_scale, threshold=self.threshold)
 
     @classmethod
-    def load(cls, path: Path) -> "EmbeddingGate":
+    def load(cls, path: Path) -> "XrayGate":
         z = np.load(path)
-        return cls(
-            z["mean"].astype(np.float64), z["components"].astype(np.float64), z["variances"].astype(np.float64),
-            float(z["residual_variance"]), float(z["threshold"]),
-        )
+        return cls(z["emb_ref"].astype(np.float32), z["thumb_ref"].astype(np.float32), int(z["k"]),
+                   float(z["emb_scale"]), float(z["thumb_scale"]), float(z["threshold"]))
 
 
-def fit_gate(fit_emb: np.ndarray, calib_emb: np.ndarray, k: int = 64, quantile: float = 0.995, margin: float = 1.25) -> EmbeddingGate:
-    """Fit on training embeddings; set the threshold on held-out X-rays.
-
-    The threshold is the ``quantile`` of held-out scores times ``margin``, so
-    that well under 1 % of real X-rays are refused.
-    """
-    x = np.asarray(fit_emb, dtype=np.float64)
-    mean = x.mean(axis=0)
-    c = x - mean
-    k = int(min(k, c.shape[0] - 1, c.shape[1]))
-    _, s, vt = np.linalg.svd(c, full_matrices=False)
-    var = s**2 / max(1, c.shape[0] - 1)
-    total = var.sum() if len(var) else 1.0
-    comps, variances = vt[:k], np.maximum(var[:k], 1e-8 * total)
-    resid_dims = c.shape[1] - k
-    resid_var = max(float(var[k:].sum()) / max(resid_dims, 1), 1e-8 * total / c.shape[1])
-    gate = EmbeddingGate(mean, comps, variances, resid_var, threshold=np.inf)
-    held = gate.score(calib_emb)
-    gate.threshold = float(np.quantile(held, quantile) * margin)
+def fit_gate(fit_emb, fit_thumbs, held_emb, held_thumbs, k: int = 3, quantile: float = 0.995) -> XrayGate:
+    """Reference sets from training X-rays; scales and threshold from held-out X-rays."""
+    gate = XrayGate(_unit(fit_emb), _unit(fit_thumbs), k, 1.0, 1.0, np.inf)
+    e = gate._knn(gate.emb_ref, _unit(held_emb))
+    t = gate._knn(gate.thumb_ref, _unit(held_thumbs))
+    gate.emb_scale = float(np.quantile(e, 0.99)) or 1.0
+    gate.thumb_scale = float(np.quantile(t, 0.99)) or 1.0
+    gate.threshold = float(np.quantile(e / gate.emb_scale + t / gate.thumb_scale, quantile))
     return gate
+
+
+def fit_gate_from_onnx(model_path: Path, spec, fit_paths: list[str], held_paths: list[str], batch: int = 32) -> XrayGate:
+    """Fit the gate with an exported model (the same outputs the server sees)."""
+    import onnxruntime as ort
+
+    from .imaging import decode
+    from .preprocessing import preprocess
+
+    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    idx = names.index("embedding")
+
+    def run(paths):
+        embs, thumbs = [], []
+        for i in range(0, len(paths), batch):
+            grays = [decode(p).gray for p in paths[i:i + batch]]
+            x = np.stack([preprocess(g, spec) for g in grays])
+            embs.append(sess.run(None, {sess.get_inputs()[0].name: x})[idx])
+            thumbs += [thumbnail(g) for g in grays]
+        return np.concatenate(embs), np.stack(thumbs)
+
+    fe, ft = run(fit_paths)
+    he, ht = run(held_paths)
+    return fit_gate(fe, ft, he, ht)
