@@ -36,6 +36,7 @@ def _add_train_args(p: argparse.ArgumentParser, compare: bool = False) -> None:
     p.add_argument("--workers", type=int, default=d.workers, help="data loading processes")
     p.add_argument("--skip-unreadable", action="store_true", help="leave out images that cannot be decoded instead of stopping")
     p.add_argument("--uncertain-threshold", type=float, default=d.uncertain_threshold)
+    p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -50,7 +51,7 @@ def _config(args, **over):
         augment=args.augment, balance=args.balance, patience=args.patience, seed=args.seed, limit=args.limit,
         samples_per_epoch=args.samples_per_epoch, val_frac=args.val_frac, test_frac=args.test_frac,
         workers=args.workers, skip_unreadable=args.skip_unreadable, uncertain_threshold=args.uncertain_threshold,
-        progress=not args.no_progress, command="python -m model_training " + shlex.join(sys.argv[1:]),
+        progress=not args.no_progress, device=args.device, command="python -m model_training " + shlex.join(sys.argv[1:]),
     )
     for k, v in over.items():
         setattr(cfg, k, v)

@@ -65,6 +65,7 @@ class TrainConfig:
     uncertain_threshold: float = 0.5
     dropout: float = 0.2
     progress: bool = True
+    device: str = "auto"  # auto: CUDA when available, else CPU
     command: str = ""
 
 
@@ -128,14 +129,21 @@ def _keep_frozen_bn_eval(model) -> None:
             m.eval()
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 @torch.no_grad()
 def predict_all(model, loader, progress=False, desc="predict"):
     model.eval()
+    device = next(model.parameters()).device
     logits, embs, ys = [], [], []
     for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        lg, _, emb = model.forward_all(x)
-        logits.append(lg.numpy())
-        embs.append(emb.numpy())
+        lg, _, emb = model.forward_all(x.to(device, non_blocking=True))
+        logits.append(lg.float().cpu().numpy())
+        embs.append(emb.float().cpu().numpy())
         ys.append(y.numpy())
     if not logits:
         return np.zeros((0, 0)), np.zeros((0, 0)), np.zeros((0,), int)
@@ -187,6 +195,8 @@ def train(cfg: TrainConfig) -> Path:
     t_start = time.time()
     records, classes, data_info = prepare_data(cfg, out)
     model, arch = create_model(cfg.arch, len(classes), cfg.pretrained, cfg.dropout)
+    device = resolve_device(cfg.device)
+    model.to(device)
     size = cfg.img_size or arch.input_size
     spec = PreprocessSpec(size=(size, size))
     aug_cfg = parse_augment(cfg.augment)
@@ -205,8 +215,9 @@ def train(cfg: TrainConfig) -> Path:
         class_weights = None
         if cfg.balance == "weights":
             cw = counts.sum() / np.maximum(counts, 1) / len(classes)
-            class_weights = torch.as_tensor(cw, dtype=torch.float32)
-    loader_kw = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, persistent_workers=cfg.workers > 0)
+            class_weights = torch.as_tensor(cw, dtype=torch.float32, device=device)
+    loader_kw = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
+                     pin_memory=device.type == "cuda")
     train_loader = DataLoader(train_ds, sampler=sampler, drop_last=len(train_ds) > cfg.batch_size, **loader_kw)
     eval_loaders = {s: DataLoader(ds, shuffle=False, **loader_kw) for s, ds in eval_ds.items()}
     criterion = nn.CrossEntropyLoss(weight=class_weights)
@@ -236,6 +247,7 @@ def train(cfg: TrainConfig) -> Path:
         tot_loss, tot_ok, tot_n = 0.0, 0, 0
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.epochs} [{phase}]", disable=not cfg.progress)
         for x, y in bar:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             logits = model(x)
             loss = criterion(logits, y)
@@ -320,6 +332,7 @@ def finalize(model, cfg, out, classes, spec, aug_cfg, records, by_split, eval_lo
     plots.roc(y, calibrated_probs(lg, temperature), classes, out / "roc.png", f"ROC, {split_name} split")
 
     check = np.stack([eval_loaders["val"].dataset[i][0].numpy() for i in range(min(4, len(eval_loaders["val"].dataset)))])
+    model.cpu()  # export and check on the CPU, where the server runs
     export_report = export_onnx(model, out / "model.onnx", spec.size, check_inputs=check)
     # OOD gate: reference X-rays from training, threshold from validation X-rays, through the exported model
     gate = fit_ood_gate(out / "model.onnx", spec, by_split, cfg.seed)
