@@ -1,0 +1,42 @@
+"""The shipped model: its card's numbers are reproduced by evaluate, and it is
+what the server and web app load by default."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from uplink_server.model import Classifier, default_model_path, find_card
+
+pytestmark = pytest.mark.skipif(not default_model_path().is_file(), reason="no shipped model in weights/")
+
+
+def test_card_is_complete_and_honest():
+    card = json.loads(find_card(default_model_path()).read_text())
+    assert card["classes"] == ["normal", "pneumonia", "covid19"]
+    assert default_model_path().stat().st_size <= 25e6
+    assert card["calibration"]["ece_test_after"] < card["calibration"]["ece_test_before"]
+    assert "non-commercial" in card["data"]["licence_note"] and "CC BY-NC" in " ".join(card["data"]["licences"])
+    assert card["training"]["command"].startswith("python -m model_training train")
+    assert any("called COVID-19" in line for line in card["shortcut_checks"])
+    assert "not a diagnosis" in card["intended_use"]
+
+
+def test_evaluate_reproduces_the_card_on_kermany_test(data_root):
+    pytest.importorskip("sklearn")
+    from model_training.evaluate import evaluate
+
+    card = json.loads(find_card(default_model_path()).read_text())["evaluation"]["kermany_official_test"]
+    res = evaluate(default_model_path(), ["public"], "auto", progress=False)
+    assert res["n"] == 624 == card["n"]
+    assert res["confusion_matrix"] == card["confusion_matrix"]
+    assert abs(res["accuracy"] - card["accuracy"]) < 1e-9
+    assert abs(res["roc_auc_macro"] - card["roc_auc_macro"]) < 1e-6
+
+
+def test_default_model_is_served(one_xray):
+    clf = Classifier()
+    assert clf.name == "cxr-screen" and clf.gate is not None and clf.temperature != 1.0
+    pred = clf.predict(one_xray)
+    assert not pred.refused and pred.version == clf.version
