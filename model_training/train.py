@@ -198,6 +198,9 @@ def train(cfg: TrainConfig) -> Path:
     device = resolve_device(cfg.device)
     model.to(device)
     size = cfg.img_size or arch.input_size
+    if size < arch.min_size:
+        print(f"note: {arch.name} needs inputs of at least {arch.min_size} px; using {arch.min_size} instead of {size}")
+        size = arch.min_size
     spec = PreprocessSpec(size=(size, size))
     aug_cfg = parse_augment(cfg.augment)
     by_split = {s: [r for r in records if r.split == s] for s in ("train", "val", "test")}

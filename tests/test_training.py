@@ -248,9 +248,13 @@ def test_evaluate_missing_model_is_clear(tmp_path, capsys):
 @pytest.mark.slow
 def test_compare_grid_small(tmp_path):
     out = tmp_path / "cmp"
-    assert main(["compare", "--archs", "efficientnet_lite0,vgg16", "--regimes", "public", "--epochs", "1",
+    # the study's three architectures; InceptionV3 is raised to its 75 px minimum
+    assert main(["compare", "--archs", "vgg16,inception_v3,efficientnet_lite0", "--regimes", "public", "--epochs", "1",
                  "--limit", "8", "--img-size", "32", "--pretrained", "none", "--batch-size", "8", "--workers", "0",
                  "--out", str(out), "--no-progress"]) == 0
     table = (out / "comparison.md").read_text()
-    assert "| public | efficientnet_lite0 | 1 |" in table and "| public | vgg16 | 1 |" in table
+    for arch in ("vgg16", "inception_v3", "efficientnet_lite0"):
+        assert f"| public | {arch} | 1 |" in table
+    card = json.loads((out / "inception_v3-public" / "model_card.json").read_text())
+    assert card["preprocessing"]["size"] == [75, 75]
     assert (out / "comparison.png").is_file()
