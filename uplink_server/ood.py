@@ -60,8 +60,8 @@ class XrayGate:
 
     def score(self, emb: np.ndarray, thumbs: np.ndarray) -> np.ndarray:
         """About 1-2 for real X-rays; larger is further from them."""
-        e = self._knn(self.emb_ref.astype(np.float32), _unit(emb))
-        t = self._knn(self.thumb_ref.astype(np.float32), _unit(thumbs))
+        e = self._knn(self.emb_ref, _unit(emb))  # refs are float32 after fit_gate and load
+        t = self._knn(self.thumb_ref, _unit(thumbs))
         return e / self.emb_scale + t / self.thumb_scale
 
     def save(self, path: Path) -> None:
