@@ -137,23 +137,10 @@ def main(argv: list[str] | None = None) -> int:
             card = release(Path(args.run), args.name, Path(args.out), args.version, quantize=not args.no_int8)
             print(json.dumps({k: card["evaluation"][k]["accuracy"] for k in ("kermany_official_test", "run_test_split")}))
         elif args.cmd == "fit-gate":
-            from uplink_server.preprocessing import PreprocessSpec
+            from .train import refit_gate
 
-            from .datasets import load_spec
-            from .train import fit_ood_gate
-
-            run = Path(args.run)
-            card = json.loads((run / "model_card.json").read_text())
-            recs = load_spec(str(run / "splits.csv"))
-            by_split = {s: [r for r in recs if r.split == s] for s in ("train", "val", "test")}
-            gate = fit_ood_gate(run / "model.onnx", PreprocessSpec.from_dict(card["preprocessing"]), by_split)
-            gate.save(run / "ood.npz")
-            card["ood"].update({"file": "ood.npz", "threshold": gate.threshold})
-            from .model_card import KNN_GATE_METHOD
-
-            card["ood"]["method"] = KNN_GATE_METHOD
-            (run / "model_card.json").write_text(json.dumps(card, indent=2))
-            print(f"gate threshold {gate.threshold:.4f} written to {run / 'ood.npz'}")
+            gate = refit_gate(Path(args.run))
+            print(f"gate threshold {gate.threshold:.4f} written to {Path(args.run) / 'ood.npz'}")
         elif args.cmd == "compare":
             from .compare import compare
 

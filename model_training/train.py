@@ -31,7 +31,7 @@ from .datasets import DataError, Record, check_files, load_spec, write_manifest
 from .export import export_onnx
 from .labels import classes_present
 from .metrics import compute_metrics, metrics_by_group, summary_line
-from .model_card import build_card, write_card
+from .model_card import KNN_GATE_METHOD, build_card, write_card
 from .preflight import UnreadableImages, hash_images
 from .splits import find_near_duplicates, limit_records, make_splits, summarize
 
@@ -137,17 +137,16 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 @torch.no_grad()
 def predict_all(model, loader, progress=False, desc="predict"):
+    """(logits, labels) over a loader, in eval mode."""
     model.eval()
     device = next(model.parameters()).device
-    logits, embs, ys = [], [], []
+    logits, ys = [], []
     for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        lg, _, emb = model.forward_all(x.to(device, non_blocking=True))
-        logits.append(lg.float().cpu().numpy())
-        embs.append(emb.float().cpu().numpy())
+        logits.append(model(x.to(device, non_blocking=True)).float().cpu().numpy())
         ys.append(y.numpy())
     if not logits:
-        return np.zeros((0, 0)), np.zeros((0, 0)), np.zeros((0,), int)
-    return np.concatenate(logits), np.concatenate(embs), np.concatenate(ys)
+        return np.zeros((0, 0)), np.zeros((0,), int)
+    return np.concatenate(logits), np.concatenate(ys)
 
 
 def prepare_data(cfg: TrainConfig, out: Path) -> tuple[list[Record], list[str], dict]:
@@ -203,7 +202,7 @@ def train(cfg: TrainConfig) -> Path:
         size = arch.min_size
     spec = PreprocessSpec(size=(size, size))
     aug_cfg = parse_augment(cfg.augment)
-    by_split = {s: [r for r in records if r.split == s] for s in ("train", "val", "test")}
+    by_split = split_records(records)
     train_ds = XrayDataset(by_split["train"], classes, spec, aug_cfg if cfg.augment != "none" else None, cfg.seed)
     eval_ds = {s: XrayDataset(by_split[s], classes, spec) for s in ("val", "test") if by_split[s]}
 
@@ -264,7 +263,7 @@ def train(cfg: TrainConfig) -> Path:
             tot_ok += int((logits.argmax(1) == y).sum())
             tot_n += len(y)
             bar.set_postfix(loss=f"{tot_loss / tot_n:.4f}", acc=f"{tot_ok / tot_n:.3f}")
-        vl, _, vy = predict_all(model, eval_loaders["val"], cfg.progress, "validate")
+        vl, vy = predict_all(model, eval_loaders["val"], cfg.progress, "validate")
         val_loss = float(val_criterion(torch.from_numpy(vl), torch.from_numpy(vy)))
         val_acc = float((vl.argmax(1) == vy).mean())
         history.append({
@@ -291,7 +290,22 @@ def train(cfg: TrainConfig) -> Path:
     model.eval()
     plots.learning_curves(history, out / "learning_curves.png")
     return finalize(model, cfg, out, classes, spec, aug_cfg, records, by_split, eval_loaders, history, best_epoch,
-                    train_minutes, data_info, arch, loader_kw)
+                    train_minutes, data_info, arch)
+
+
+def split_records(records: list[Record]) -> dict[str, list[Record]]:
+    return {s: [r for r in records if r.split == s] for s in ("train", "val", "test")}
+
+
+def refit_gate(run: Path, seed: int = 0):
+    """Fit a finished run's OOD gate again from its exported model and split; updates its card."""
+    card = json.loads((run / "model_card.json").read_text())
+    by_split = split_records(load_spec(str(run / "splits.csv")))
+    gate = fit_ood_gate(run / "model.onnx", PreprocessSpec.from_dict(card["preprocessing"]), by_split, seed)
+    gate.save(run / "ood.npz")
+    card["ood"].update({"file": "ood.npz", "threshold": gate.threshold, "method": KNN_GATE_METHOD})
+    (run / "model_card.json").write_text(json.dumps(card, indent=2))
+    return gate
 
 
 def fit_ood_gate(model_path: Path, spec, by_split: dict, seed: int = 0, n_fit: int = 2000, n_held: int = 1000):
@@ -304,10 +318,10 @@ def fit_ood_gate(model_path: Path, spec, by_split: dict, seed: int = 0, n_fit: i
 
 
 def finalize(model, cfg, out, classes, spec, aug_cfg, records, by_split, eval_loaders, history, best_epoch,
-             train_minutes, data_info, arch, loader_kw) -> Path:
+             train_minutes, data_info, arch) -> Path:
     """Calibrate, evaluate per split and source, export ONNX, fit the OOD gate, write the card."""
     outputs = {s: predict_all(model, dl, cfg.progress, f"evaluate {s}") for s, dl in eval_loaders.items()}
-    val_logits, val_emb, val_y = outputs["val"]
+    val_logits, val_y = outputs["val"]
     temperature = fit_temperature(val_logits, val_y)
     calibration = {
         "method": "temperature scaling on the validation split",
@@ -316,11 +330,11 @@ def finalize(model, cfg, out, classes, spec, aug_cfg, records, by_split, eval_lo
         "ece_val_after": expected_calibration_error(calibrated_probs(val_logits, temperature), val_y),
     }
     if "test" in outputs:
-        tl, _, ty = outputs["test"]
+        tl, ty = outputs["test"]
         calibration["ece_test_before"] = expected_calibration_error(calibrated_probs(tl, 1.0), ty)
         calibration["ece_test_after"] = expected_calibration_error(calibrated_probs(tl, temperature), ty)
     metrics = {}
-    for s, (lg, _, y) in outputs.items():
+    for s, (lg, y) in outputs.items():
         probs = calibrated_probs(lg, temperature)
         recs = by_split[s]
         metrics[s] = compute_metrics(y, probs, classes)
@@ -331,7 +345,7 @@ def finalize(model, cfg, out, classes, spec, aug_cfg, records, by_split, eval_lo
     final = metrics.get("test", metrics["val"])
     split_name = "test" if "test" in metrics else "val"
     plots.confusion(final["confusion_matrix"], classes, out / "confusion_matrix.png", f"{split_name} split")
-    lg, _, y = outputs[split_name]
+    lg, y = outputs[split_name]
     plots.roc(y, calibrated_probs(lg, temperature), classes, out / "roc.png", f"ROC, {split_name} split")
 
     check = np.stack([eval_loaders["val"].dataset[i][0].numpy() for i in range(min(4, len(eval_loaders["val"].dataset)))])
