@@ -7,14 +7,16 @@ official test sets, run the shortcut checks, quantize, write the cards.
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 
 import numpy as np
 
+from .datasets import load_spec, write_manifest
 from .evaluate import evaluate
 from .model_card import card_markdown
-
+from .quantize import quantize_model
 
 INT8_MAX_DROP_POINTS = 0.5
 
@@ -75,22 +77,17 @@ def release(run: Path, name: str, out: Path, version: str, quantize: bool = True
         "commands": [f"python -m model_training evaluate --model {out}/{name}.onnx --data public",
                      f"python -m model_training evaluate --model {out}/{name}.onnx --data {out}/{name}.splits.csv --split test"],
     }
-    from .datasets import load_spec, write_manifest
-
-    write_manifest(load_spec(str(run / "splits.csv")), out / f"{name}.splits.csv")
+    split_records = load_spec(str(run / "splits.csv"))
+    write_manifest(split_records, out / f"{name}.splits.csv")
     card["shortcut_checks"] = lines
     card["shortcut_check_counts"] = checks
     card["files"] = {"onnx_mb": round(model.stat().st_size / 1e6, 2)}
     if quantize:
-        import random
-
-        from .datasets import load_spec
-        from .quantize import quantize_model
-
-        recs = [r for r in load_spec(str(run / "splits.csv")) if r.split == "train"]
+        recs = [r for r in split_records if r.split == "train"]
         random.Random(0).shuffle(recs)
         q = quantize_model(model, out / f"{name}.int8.onnx", [r.path for r in recs], 200)
         qcard = dict(card, name=f"{name}-int8", format="onnx-int8")
+        # evaluate finds a model's card beside it
         (out / f"{name}.int8.card.json").write_text(json.dumps(qcard, indent=2))
         q_public = evaluate(q, ["public"], "auto", progress=progress)
         q_test = evaluate(q, [str(run / "splits.csv")], "test", progress=progress)
