@@ -80,6 +80,11 @@ def artifacts() -> Path:
     return ARTIFACTS
 
 
+def subprocess_env(**extra: str) -> dict:
+    """A minimal environment for running the project's CLIs in a child process."""
+    return {"PYTHONPATH": str(REPO), "PATH": os.environ.get("PATH", "/usr/bin:/bin"), **extra}
+
+
 def copy_into(paths, folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     out = []

@@ -15,18 +15,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import REPO, subprocess_env
+
+TF_ENV = subprocess_env(TF_CPP_MIN_LOG_LEVEL="3")
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None or importlib.util.find_spec("keras") is None,
                                 reason="the keras extra is not installed")
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=REPO,
-                          env={"PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"})
+                          env=TF_ENV)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def test_keras_model_predicts_with_gradcam(keras_model, xray_paths, tmp_path):
             "h = [c.predict(f, check_ood=False).heatmap for f in sys.argv[2:]]; "
             "print(json.dumps({'std': [float(x.std()) for x in h], 'diff': float(np.abs(h[0] - h[1]).mean())}))")
     r = subprocess.run([sys.executable, "-c", code, str(keras_model), files[0], files[1]], capture_output=True, text=True,
-                       cwd=REPO, env={"PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"})
+                       cwd=REPO, env=TF_ENV)
     stats = json.loads(r.stdout.strip().splitlines()[-1])
     assert min(stats["std"]) > 0.05 and stats["diff"] > 0.01
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from uplink_server.cli import main
 
-REPO_ENV = {"PYTHONPATH": "."}
+from .conftest import subprocess_env
 
 
 def test_predict_real_xrays(classifier, xray_paths):
@@ -109,7 +109,7 @@ def test_anvil_functions_with_anvil_media(classifier, one_xray, xray_paths):
 
 def test_module_runs_as_a_command(tiny_model, one_xray):
     r = subprocess.run([sys.executable, "-m", "uplink_server", "predict", str(one_xray), "--model", str(tiny_model),
-                        "--no-ood"], capture_output=True, text=True, cwd=str(tiny_model.parents[0]), env={**REPO_ENV, "PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1])})
+                        "--no-ood"], capture_output=True, text=True, cwd=str(tiny_model.parent), env=subprocess_env())
     assert r.returncode == 0, r.stderr
     assert "normal=" in r.stdout and "ms]" in r.stdout
 
@@ -118,5 +118,5 @@ def test_serving_does_not_import_torch(tiny_model, one_xray):
     code = ("import sys; from uplink_server.model import Classifier; c = Classifier(sys.argv[1]); "
             "c.predict(sys.argv[2]); assert 'torch' not in sys.modules, 'torch imported'")
     r = subprocess.run([sys.executable, "-c", code, str(tiny_model), str(one_xray)], capture_output=True, text=True,
-                       env={"PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1])})
+                       env=subprocess_env())
     assert r.returncode == 0, r.stderr
