@@ -296,3 +296,27 @@ def test_oversized_upload_refused_without_500(tmp_path, classifier, one_xray):
         c, csrf = sign_in(base)
         r = c.post("/upload", data={"csrf_token": csrf}, files=[("files", ("big.jpeg", big, "image/jpeg"))])
         assert r.status_code == 413 and "too large" in r.text
+
+
+def test_broken_zip_and_truncated_dicom(app_local, xray_paths):
+    from PIL import Image
+
+    app, base = app_local
+    c, csrf = sign_in(base)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for p in xray_paths["kermany_normal"][:2]:
+            zf.write(p, p.name)
+    broken = buf.getvalue()[: len(buf.getvalue()) // 2]  # cut off mid-archive: no central directory
+    r = c.post("/upload", data={"csrf_token": csrf}, files=[("files", ("batch.zip", broken, "application/zip"))])
+    assert r.status_code == 400 and "ZIP file could not be read" in r.text
+    api = _api(base)
+    r = api.post("/api/v1/predict", files={"file": ("batch.zip", broken, "application/zip")})
+    assert r.status_code == 400 and r.json()["refusal"]["code"] == "zip_error"
+    dcm = make_dicom(np.asarray(Image.open(xray_paths["adult_normal"][0]).convert("L")))
+    # pydicom reads what it can of a truncated file; the missing or short pixel data is refused
+    for cut in (200, 400, len(dcm) // 2):
+        r = api.post("/api/v1/predict", files={"file": ("cut.dcm", dcm[:cut], "application/dicom")})
+        assert r.status_code == 422 and r.json()["refusal"]["code"] == "unsupported_dicom", cut
+    for stored in app.state.settings.upload_dir.glob("*.dcm"):  # kept, but de-identified first
+        assert b"Doe^Jane" not in stored.read_bytes()
