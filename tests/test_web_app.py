@@ -41,15 +41,19 @@ def test_upload_page_flow_and_history(app_local, xray_paths):
     assert csv_text.splitlines()[0].startswith("id,patient_code") and "EC-001" in csv_text
 
 
+def zip_of(paths) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for p in paths:
+            zf.write(p, p.name)
+    return buf.getvalue()
+
+
 def test_zip_and_several_files(app_local, xray_paths):
     app, base = app_local
     c, csrf = sign_in(base)
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for p in xray_paths["kermany_normal"][:3]:
-            zf.write(p, p.name)
     r = c.post("/upload", data={"csrf_token": csrf, "patient_code": "Z-1"},
-               files=[("files", ("batch.zip", buf.getvalue(), "application/zip")),
+               files=[("files", ("batch.zip", zip_of(xray_paths["kermany_normal"][:3]), "application/zip")),
                       ("files", ("one.jpeg", xray_paths["adult_normal"][0].read_bytes(), "image/jpeg"))])
     assert r.status_code == 200 and "/batch" in str(r.url)
     assert r.text.count('data-testid="result"') == 4
@@ -303,11 +307,8 @@ def test_broken_zip_and_truncated_dicom(app_local, xray_paths):
 
     app, base = app_local
     c, csrf = sign_in(base)
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for p in xray_paths["kermany_normal"][:2]:
-            zf.write(p, p.name)
-    broken = buf.getvalue()[: len(buf.getvalue()) // 2]  # cut off mid-archive: no central directory
+    whole = zip_of(xray_paths["kermany_normal"][:2])
+    broken = whole[: len(whole) // 2]  # cut off mid-archive: no central directory
     r = c.post("/upload", data={"csrf_token": csrf}, files=[("files", ("batch.zip", broken, "application/zip"))])
     assert r.status_code == 400 and "ZIP file could not be read" in r.text
     api = _api(base)
