@@ -178,6 +178,33 @@ def test_dicom_jpeg_baseline_decodes():
     assert img.gray.shape == (100, 100)
 
 
+@pytest.mark.parametrize("keep", [0.002, 0.004, 0.5, 0.9995])
+def test_truncated_dicom_is_corrupt(xray, keep):
+    # cut before the pixel data, inside it, and a few bytes short of the end
+    raw = make_dicom(np.asarray(xray))
+    with pytest.raises(Refusal) as e:
+        decode(raw[: int(len(raw) * keep)])
+    assert e.value.code == "corrupt_image"
+    assert decode(raw).gray.shape == np.asarray(xray).shape
+
+
+def test_truncated_compressed_dicom_is_corrupt():
+    from pydicom.data import get_testdata_file
+
+    raw = open(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"), "rb").read()
+    with pytest.raises(Refusal) as e:
+        decode(raw[: len(raw) - 60])
+    assert e.value.code == "corrupt_image"
+
+
+def test_dicom_without_image_is_unsupported():
+    from pydicom.data import get_testdata_file
+
+    with pytest.raises(Refusal) as e:
+        decode(open(get_testdata_file("rtplan.dcm"), "rb").read())
+    assert e.value.code == "unsupported_dicom"
+
+
 @pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm"])
 def test_ct_and_mr_refused(name):
     from pydicom.data import get_testdata_file

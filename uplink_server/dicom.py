@@ -62,18 +62,23 @@ def read_dicom(data: bytes) -> tuple[np.ndarray, dict]:
         raise Refusal("not_xray_modality", f"DICOM modality {meta['modality']} is not a radiograph.")
     if meta["view_position"] in LATERAL_VIEWS:
         raise Refusal("lateral_view")
-    if "PixelData" not in ds:
-        raise Refusal("unsupported_dicom", "The DICOM file holds no image (no PixelData).")
-    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if "PixelData" not in ds:
+        if rows and cols or _is_image_storage(ds):  # an image was promised: the file was cut before its pixels
+            raise Refusal("corrupt_image", "The DICOM file is truncated: its image data is missing.")
+        raise Refusal("unsupported_dicom", "The DICOM file holds no image (no PixelData).")
     from .imaging import MAX_PIXELS
 
     if rows * cols * frames > MAX_PIXELS:
         raise Refusal("too_many_pixels")
+    _check_pixel_data_length(ds, rows, cols, frames)
     try:
         arr = ds.pixel_array
     except Exception as exc:
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
+        if _decoder_available(ts):  # we could decode this syntax, so the data itself is broken
+            raise Refusal("corrupt_image", f"The DICOM pixel data is corrupt or truncated: {exc}") from exc
         raise Refusal(
             "unsupported_dicom",
             f"Cannot decode DICOM pixel data (transfer syntax {ts}): {exc}",
@@ -91,6 +96,36 @@ def read_dicom(data: bytes) -> tuple[np.ndarray, dict]:
     if meta["photometric"] == "MONOCHROME1":
         gray = 1.0 - gray
     return gray.astype(np.float32), meta
+
+
+def _check_pixel_data_length(ds, rows: int, cols: int, frames: int) -> None:
+    """Uncompressed pixel data shorter than the header promises means a cut file.
+
+    pydicom reads a truncated element leniently, so the length is checked here.
+    """
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if ts is None or getattr(ts, "is_compressed", True):
+        return
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    bits = int(ds.get("BitsAllocated", 8) or 8)
+    expected = rows * cols * frames * samples * bits // 8
+    if len(ds.PixelData) < expected:
+        raise Refusal("corrupt_image",
+                      f"The DICOM file is truncated: {len(ds.PixelData)} of {expected} bytes of image data.")
+
+
+def _is_image_storage(ds) -> bool:
+    sop = ds.get("SOPClassUID") or getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID")
+    return "Image Storage" in str(getattr(sop, "name", ""))
+
+
+def _decoder_available(ts) -> bool:
+    try:
+        from pydicom.pixels import get_decoder
+
+        return bool(get_decoder(ts).is_available)
+    except Exception:
+        return False
 
 
 def deidentify(data: bytes, patient_code: str = "ANONYMOUS") -> bytes:
