@@ -33,6 +33,7 @@ from .labels import classes_present
 from .metrics import compute_metrics, metrics_by_group, summary_line
 from .model_card import KNN_GATE_METHOD, build_card, write_card
 from .preflight import UnreadableImages, hash_images
+from .sampling import sample_weights
 from .splits import find_near_duplicates, limit_records, make_splits, summarize
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class TrainConfig:
     freeze_epochs: int | None = None  # default: 1 when pretrained, else 0
     finetune_blocks: int = -1  # top blocks unfrozen after the frozen phase; -1 all, 0 none
     augment: str = "default"
-    balance: str = "weights"  # weights | sampler | none
+    balance: str = "weights"  # weights | sampler | group | none
     patience: int = 3
     seed: int = 0
     limit: int | None = None  # images per split, for quick runs
@@ -208,8 +209,10 @@ def train(cfg: TrainConfig) -> Path:
 
     counts = np.bincount([classes.index(r.label) for r in by_split["train"]], minlength=len(classes)).astype(float)
     n_samples = cfg.samples_per_epoch or len(train_ds)
-    if cfg.balance == "sampler":
-        w = (1.0 / np.maximum(counts, 1))[[classes.index(r.label) for r in by_split["train"]]]
+    if cfg.balance in ("sampler", "group"):
+        train_recs = by_split["train"]
+        w = sample_weights([r.label for r in train_recs], [r.age_group or r.source for r in train_recs],
+                           "group" if cfg.balance == "group" else "class")
         sampler = WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), n_samples, replacement=True)
         class_weights = None
     else:

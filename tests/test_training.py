@@ -59,6 +59,30 @@ def test_patient_level_splits_are_disjoint_and_keep_official_test(data_root):
     assert [r.split for r in again] == [r.split for r in recs]
 
 
+def test_group_balance_removes_the_child_pneumonia_prior(data_root):
+    from collections import Counter
+
+    from model_training.sampling import sample_weights
+
+    recs = [r for r in load_spec("mix") if r.split != "test"]
+    labels, groups = [r.label for r in recs], [r.age_group for r in recs]
+    for mode in ("class", "group"):
+        w = sample_weights(labels, groups, mode)
+        mass = Counter()
+        for lab, g, x in zip(labels, groups, w):
+            mass[(g, lab)] += x
+        assert abs(sum(w) - 1) < 1e-9
+        child_pneumonia_share = mass[("child", "pneumonia")] / (mass[("child", "pneumonia")] + mass[("child", "normal")])
+        if mode == "class":  # the shortcut: most children seen in training have pneumonia
+            assert child_pneumonia_share > 0.7
+            assert abs(sum(x for (g, lab), x in mass.items() if lab == "covid19") - 1 / 3) < 1e-9
+        else:
+            assert abs(child_pneumonia_share - 0.5) < 1e-9
+            assert mass[("adult", "pneumonia")] < 0.1  # a few dozen images are not repeated without end
+    with pytest.raises(ValueError):
+        sample_weights(labels, groups, "source")
+
+
 def test_folder_layouts(tmp_path, xray_paths):
     kag = tmp_path / "kaggle"
     copy_into(xray_paths["kermany_normal"][:2], kag / "train" / "NORMAL")
