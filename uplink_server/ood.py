@@ -1,10 +1,10 @@
 """Out-of-distribution gate: is this a usable frontal chest X-ray?
 
-Two layers. Cheap image checks first (blank, colour photograph). Then a
-k-nearest-neighbour distance to real training X-rays, in two spaces: the
-model's own embedding (cosine), and a tiny normalised thumbnail of the image
-(16x16: the layout of lungs, mediastinum and diaphragm). Each distance is scaled by its 99th
-percentile on held-out X-rays and the sum is compared with a threshold set on
+Two layers. Cheap image checks first (blank, colour photograph, round field of
+view). Then a k-nearest-neighbour distance to real training X-rays, in two
+spaces: the model's own embedding (cosine), and a tiny normalised thumbnail of
+the image (16x16: the layout of lungs, mediastinum and diaphragm). Each
+distance is scaled by its 99th percentile on held-out X-rays and the sum is compared with a threshold set on
 held-out X-rays. Fitting and scoring are numpy-only, so training and serving
 share this module.
 """
@@ -30,6 +30,27 @@ def check_image(gray: np.ndarray, colorfulness: float) -> None:
         raise Refusal("blank_image")
     if colorfulness > COLOR_LIMIT:
         raise Refusal("color_photo")
+    if circular_field(gray):
+        raise Refusal("not_chest_xray", "The image has a round field of view (a fundus, endoscope or microscope "
+                                        "photograph), not a chest X-ray.")
+
+
+def circular_field(gray: np.ndarray, n: int = 64) -> bool:
+    """Black outside the inscribed circle, not black along its inner rim.
+
+    Fundus, endoscope and microscope photographs have a round field of view;
+    grayscale ones pass the colour check and sit close enough to X-rays in the
+    kNN gate. Chest X-rays have shoulders, neck or abdomen in the corners: none
+    of 3,702 training-set and 1,970 test-set X-rays matches.
+    """
+    g = resize_gray(gray, (n, n)).astype(np.float32)
+    lo, hi = np.percentile(g, [1, 99])
+    g = (g - lo) / max(float(hi - lo), 1e-6)
+    yy, xx = np.mgrid[:n, :n]
+    r = np.hypot(yy - (n - 1) / 2, xx - (n - 1) / 2) / (n / 2)
+    outside_black = float((g[r > 1.02] < 0.05).mean())
+    rim_black = float((g[(r > 0.80) & (r < 0.95)] < 0.05).mean())
+    return outside_black > 0.9 and rim_black < 0.1
 
 
 def thumbnail(gray: np.ndarray, size: int = THUMB) -> np.ndarray:
