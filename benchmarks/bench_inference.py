@@ -3,7 +3,9 @@
     python -m benchmarks.bench_inference [--model weights/cxr-screen.onnx] [--int8 weights/cxr-screen.int8.onnx]
 
 Single image: decode + preprocess + inference + heatmap (p50/p95 over real
-X-rays from ../shared/data). Batch: images/s through ONNX Runtime, and the same
+X-rays from ../shared/data). Batch: images/s through ONNX Runtime (one
+single-threaded session per core, as the server runs batches, and one session
+using every core), files to results through ``predict_batch``, and the same
 network in torch eager for comparison (if torch is installed).
 """
 
@@ -70,7 +72,11 @@ def main() -> None:
             imgs = [clf.preprocess(decode(f)) for f in files]
             batch = np.stack((imgs * (args.batch // len(imgs) + 1))[: args.batch])
         ips = throughput(lambda b: clf.run(b), batch)
-        print(f"onnxruntime {tag}: single image with heatmap p50 {p50:.1f} ms, p95 {p95:.1f} ms; batch {ips:.1f} images/s")
+        one = throughput(lambda b: clf._backend._run(clf._backend.sess, b), batch)
+        e2e = throughput(lambda b: clf.predict_batch(files[: len(b)], heatmap=False), batch)
+        print(f"onnxruntime {tag}: single image with heatmap p50 {p50:.1f} ms, p95 {p95:.1f} ms; "
+              f"batch {ips:.1f} images/s (one {clf._backend.threads}-thread session: {one:.1f}); "
+              f"files to results (decode + preprocess + inference + gate, no heatmap) {e2e:.1f} images/s")
     try:
         import torch
 

@@ -76,6 +76,28 @@ def test_cli_refusal_sets_exit_code(tiny_model, one_xray, tmp_path, capsys):
     assert rc == 1 and "REFUSED (not_an_image)" in out and "not a diagnosis" in out
 
 
+def test_batch_matches_one_by_one_and_refuses_only_bad_files(classifier, xray_paths, tmp_path, capsys):
+    from uplink_server.model import Classifier
+
+    files = [str(p) for p in xray_paths["covid"][:3] + xray_paths["kermany_normal"][:3]]
+    bad = tmp_path / "cut.jpeg"
+    bad.write_bytes(xray_paths["covid"][0].read_bytes()[:300])
+    clf = Classifier(classifier.path, threads=2)  # two worker sessions share the batch
+    batch = clf.predict_batch(files[:3] + [str(bad)] + files[3:], check_ood=False)
+    assert batch[3].refused and batch[3].refusal["code"] == "corrupt_image"
+    for f, b in zip(files, batch[:3] + batch[4:]):
+        one = classifier.predict(f, check_ood=False)
+        assert not b.refused and b.label == one.label
+        assert np.allclose(list(b.probabilities.values()), list(one.probabilities.values()), atol=1e-5)
+        assert np.allclose(b.heatmap, one.heatmap, atol=1e-4)
+    # the CLI batches files; a missing one and a corrupt one are reported, the rest classified
+    rc = main(["predict", files[0], str(tmp_path / "gone.png"), str(bad), files[1], "--model", str(classifier.path),
+               "--json", "--no-ood"])
+    out = json.loads(capsys.readouterr().out)["results"]
+    assert rc == 1 and [r["refused"] for r in out] == [False, True, True, False]
+    assert out[1]["refusal"]["code"] == "not_found" and out[2]["refusal"]["code"] == "corrupt_image"
+
+
 def test_cli_missing_model(tmp_path, one_xray, capsys):
     assert main(["predict", str(one_xray), "--model", str(tmp_path / "x.onnx")]) == 2
     assert "not found" in capsys.readouterr().err
