@@ -36,10 +36,14 @@ def test_refuses_non_chest_images(shipped, images):
     assert len(accepted) <= 0.01 * len(images), f"accepted as chest X-rays: {accepted}"
 
 
-def test_round_field_of_view_is_refused(shipped, images):
-    for name in ("retina-gray", "retina-gray-rot90"):  # gray fundus photographs pass the colour check
-        p = shipped.predict(images[name], heatmap=False)
-        assert p.refused and "round field of view" in p.refusal["message"], name
+@pytest.mark.parametrize("name,reason", [
+    ("retina-gray", "round field of view"),  # gray fundus photographs pass the colour check
+    ("retina-gray-rot90", "round field of view"),
+    ("gradient", "no structure"),  # a smooth ramp is not blank, and the kNN gate alone let it through
+])
+def test_cheap_checks_catch_what_the_gate_misses(shipped, images, name, reason):
+    p = shipped.predict(images[name], heatmap=False)
+    assert p.refused and reason in p.refusal["message"], (name, p.refusal)
 
 
 def test_accepts_real_chest_xrays(shipped, data_root):

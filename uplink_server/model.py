@@ -78,10 +78,10 @@ class OnnxBackend:
     """ONNX Runtime sessions behind ``backend(x) -> (logits, cam|None, embedding|None)``.
 
     A single image runs in one session using every core (lowest latency). A
-    batch is split across one single-threaded session per core: the small
-    depthwise convolutions of EfficientNet parallelise poorly inside one run,
-    and on 2 cores two 1-thread sessions gave about 20 % more images/s than one
-    2-thread session (benchmarks/bench_inference.py).
+    batch is split across one single-threaded session per core: on 2 cores this
+    matched one 2-thread session on an idle machine and gave about 20 % more
+    images/s while training shared the CPU (EfficientNet's small depthwise
+    convolutions parallelise poorly inside one run; benchmarks/bench_inference.py).
     """
 
     MAX_WORKERS = 8

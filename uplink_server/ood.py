@@ -1,12 +1,12 @@
 """Out-of-distribution gate: is this a usable frontal chest X-ray?
 
-Two layers. Cheap image checks first (blank, colour photograph, round field of
-view). Then a k-nearest-neighbour distance to real training X-rays, in two
-spaces: the model's own embedding (cosine), and a tiny normalised thumbnail of
-the image (16x16: the layout of lungs, mediastinum and diaphragm). Each
-distance is scaled by its 99th percentile on held-out X-rays and the sum is compared with a threshold set on
-held-out X-rays. Fitting and scoring are numpy-only, so training and serving
-share this module.
+Two layers. Cheap image checks first (blank or structureless, colour
+photograph, round field of view). Then a k-nearest-neighbour distance to real
+training X-rays, in two spaces: the model's own embedding (cosine), and a tiny
+normalised thumbnail of the image (16x16: the layout of lungs, mediastinum and
+diaphragm). Each distance is scaled by its 99th percentile on held-out X-rays
+and the sum is compared with a threshold set on held-out X-rays. Fitting and
+scoring are numpy-only, so training and serving share this module.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from .preprocessing import resize_gray
 
 BLANK_STD = 0.02  # gray std below this: blank or uniform
 COLOR_LIMIT = 0.08  # mean chroma above this: a colour photograph
+MIN_STRUCTURE = 0.004  # mean |Laplacian| of the stretched 64 px thumbnail below this: no structure
 THUMB = 16
 
 
@@ -30,26 +31,44 @@ def check_image(gray: np.ndarray, colorfulness: float) -> None:
         raise Refusal("blank_image")
     if colorfulness > COLOR_LIMIT:
         raise Refusal("color_photo")
-    if circular_field(gray):
+    small = _contrast_thumb(gray)
+    if structure(small) < MIN_STRUCTURE:
+        raise Refusal("blank_image", "The image has no structure (a smooth ramp or fill), not an X-ray.")
+    if circular_field(small):
         raise Refusal("not_chest_xray", "The image has a round field of view (a fundus, endoscope or microscope "
                                         "photograph), not a chest X-ray.")
 
 
-def circular_field(gray: np.ndarray, n: int = 64) -> bool:
-    """Black outside the inscribed circle, not black along its inner rim.
+def _contrast_thumb(gray: np.ndarray, n: int = 64) -> np.ndarray:
+    """n x n thumbnail stretched so that its 1st..99th percentiles span 0..1."""
+    g = resize_gray(gray, (n, n)).astype(np.float32)
+    lo, hi = np.percentile(g, [1, 99])
+    return (g - lo) / max(float(hi - lo), 1e-6)
+
+
+def structure(small: np.ndarray) -> float:
+    """Mean absolute Laplacian of a ``_contrast_thumb``: zero for a fill or a linear ramp.
+
+    Real X-rays (ribs, vessels, edges) score at least 0.0158 on 4,936 images of
+    every source; the limit sits four times below that.
+    """
+    lap = 4 * small[1:-1, 1:-1] - small[:-2, 1:-1] - small[2:, 1:-1] - small[1:-1, :-2] - small[1:-1, 2:]
+    return float(np.abs(lap).mean())
+
+
+def circular_field(small: np.ndarray) -> bool:
+    """Black outside the inscribed circle of a ``_contrast_thumb``, not black along its inner rim.
 
     Fundus, endoscope and microscope photographs have a round field of view;
     grayscale ones pass the colour check and sit close enough to X-rays in the
     kNN gate. Chest X-rays have shoulders, neck or abdomen in the corners: none
     of 3,702 training-set and 1,970 test-set X-rays matches.
     """
-    g = resize_gray(gray, (n, n)).astype(np.float32)
-    lo, hi = np.percentile(g, [1, 99])
-    g = (g - lo) / max(float(hi - lo), 1e-6)
+    n = small.shape[0]
     yy, xx = np.mgrid[:n, :n]
     r = np.hypot(yy - (n - 1) / 2, xx - (n - 1) / 2) / (n / 2)
-    outside_black = float((g[r > 1.02] < 0.05).mean())
-    rim_black = float((g[(r > 0.80) & (r < 0.95)] < 0.05).mean())
+    outside_black = float((small[r > 1.02] < 0.05).mean())
+    rim_black = float((small[(r > 0.80) & (r < 0.95)] < 0.05).mean())
     return outside_black > 0.9 and rim_black < 0.1
 
 
