@@ -2,7 +2,8 @@
 
 ``study`` mirrors the paper's Keras ImageDataGenerator settings (rotation,
 width/height shift, shear, zoom, horizontal flip); ``default`` is milder and
-keeps left/right anatomy (the heart is on the left), plus brightness/contrast.
+keeps left/right anatomy (the heart is on the left), plus brightness/contrast;
+``robust`` adds gamma and blur/sharpening, the ways X-ray machines differ.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ class AugmentConfig:
     hflip: bool = False
     brightness: float = 0.0  # +- additive
     contrast: float = 0.0  # +- multiplicative
+    gamma: float = 0.0  # +- log-gamma: x ** exp(U(-g, g)) on [0, 1], another machine's tone curve
+    blur: float = 0.0  # gaussian sigma up to this (pixels), or as much unsharp masking: softer/sharper detectors
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -32,6 +35,9 @@ PRESETS = {
     "none": AugmentConfig(),
     "study": AugmentConfig(rotation=20, shift=0.2, shear=11.5, zoom=0.2, hflip=True),
     "default": AugmentConfig(rotation=10, shift=0.08, shear=5, zoom=0.12, brightness=0.08, contrast=0.15),
+    # default plus the photometric differences between X-ray machines and their processing
+    "robust": AugmentConfig(rotation=10, shift=0.08, shear=5, zoom=0.12, brightness=0.08, contrast=0.15,
+                            gamma=0.3, blur=1.0),
 }
 
 
@@ -77,6 +83,15 @@ class Augmenter:
             x = np.asarray(img.transform((w, h), Image.AFFINE, coeffs, resample=Image.BILINEAR, fill=0), dtype=np.float32)
         if c.hflip and rng.random() < 0.5:
             x = x[:, ::-1]
+        if c.gamma:
+            x = np.clip(x, 0.0, 1.0) ** math.exp(rng.uniform(-c.gamma, c.gamma))
+        if c.blur and rng.random() < 0.5:
+            from scipy.ndimage import gaussian_filter
+
+            sigma = rng.uniform(0.3, c.blur)
+            soft = gaussian_filter(x, sigma)
+            # half the time blur, half the time sharpen by the same amount
+            x = soft if rng.random() < 0.5 else x + (x - soft)
         if c.contrast:
             m = float(x.mean())
             x = (x - m) * rng.uniform(1 - c.contrast, 1 + c.contrast) + m

@@ -25,7 +25,7 @@ def _add_train_args(p: argparse.ArgumentParser, compare: bool = False) -> None:
     p.add_argument("--backbone-lr", type=float, default=d.backbone_lr, help="learning rate of fine-tuned blocks")
     p.add_argument("--freeze-epochs", type=int, default=None, help="epochs with the backbone frozen (feature extractor); default 1 when pretrained")
     p.add_argument("--finetune-blocks", type=int, default=d.finetune_blocks, help="top backbone blocks to fine-tune after the frozen phase (-1 all, 0 none)")
-    p.add_argument("--augment", default=d.augment, help="none | study | default | key=value,... (rotation, shift, shear, zoom, hflip, brightness, contrast)")
+    p.add_argument("--augment", default=d.augment, help="none | study | default | robust | key=value,... (rotation, shift, shear, zoom, hflip, brightness, contrast, gamma, blur)")
     p.add_argument("--balance", choices=["weights", "sampler", "group", "none"], default=d.balance,
                    help="class imbalance: loss weights, class-balanced sampling, or sampling balanced per age group and class")
     p.add_argument("--patience", type=int, default=d.patience, help="early stopping patience (epochs) on validation loss")

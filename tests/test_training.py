@@ -198,6 +198,20 @@ def test_augmentation_changes_training_only(one_xray):
     assert parse_augment("rotation=5,hflip=1").hflip is True
 
 
+def test_photometric_augmentation_keeps_anatomy(one_xray):
+    from model_training.augmentation import Augmenter, parse_augment
+    from uplink_server.imaging import decode
+    from uplink_server.preprocessing import resize_gray
+
+    x = resize_gray(decode(one_xray).gray, (96, 96))
+    cfg = parse_augment("gamma=0.3,blur=1.5")
+    outs = [Augmenter(cfg, seed=s)(x) for s in range(8)]
+    assert all(o.shape == x.shape for o in outs)
+    assert any(not np.allclose(o, x, atol=1e-3) for o in outs)  # tones and sharpness change ...
+    assert min(np.corrcoef(o.ravel(), x.ravel())[0, 1] for o in outs) > 0.9  # ... the anatomy stays put
+    assert np.array_equal(Augmenter(cfg, seed=3)(x), Augmenter(cfg, seed=3)(x))
+
+
 def test_tiny_run_produces_every_artefact(tiny_run):
     for name in ("metrics.json", "history.csv", "learning_curves.png", "confusion_matrix.png", "roc.png",
                  "model.onnx", "model_card.json", "model_card.md", "splits.csv", "near_duplicates.csv", "ood.npz"):
