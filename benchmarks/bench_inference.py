@@ -75,7 +75,7 @@ def main() -> None:
         one = throughput(lambda b: clf._backend._run(clf._backend.sess, b), batch)
         e2e = throughput(lambda b: clf.predict_batch(files[: len(b)], heatmap=False), batch)
         print(f"onnxruntime {tag}: single image with heatmap p50 {p50:.1f} ms, p95 {p95:.1f} ms; "
-              f"batch {ips:.1f} images/s (one {clf._backend.threads}-thread session: {one:.1f}); "
+              f"batch {ips:.1f} images/s (one all-core session: {one:.1f}); "
               f"files to results (decode + preprocess + inference + gate, no heatmap) {e2e:.1f} images/s")
     try:
         import torch

@@ -74,6 +74,13 @@ class Prediction:
         }
 
 
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # honours taskset/cpuset limits, unlike cpu_count
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 class OnnxBackend:
     """ONNX Runtime sessions behind ``backend(x) -> (logits, cam|None, embedding|None)``.
 
@@ -88,8 +95,8 @@ class OnnxBackend:
 
     def __init__(self, path: Path, threads: int | None = None):
         self.path = path
-        self.threads = threads or os.cpu_count() or 1
-        self.sess = self._session(self.threads)
+        self.threads = threads or _usable_cores()
+        self.sess = self._session(threads or 0)  # 0: ONNX Runtime picks (physical cores)
         self.names = [o.name for o in self.sess.get_outputs()]
         self.input_name = self.sess.get_inputs()[0].name
         self._workers: list = []
