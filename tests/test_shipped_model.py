@@ -16,8 +16,8 @@ def test_card_is_complete_and_honest():
     card = json.loads(find_card(default_model_path()).read_text())
     assert card["classes"] == ["normal", "pneumonia", "covid19"]
     assert default_model_path().stat().st_size <= 25e6
-    cal = card["calibration"]  # fitted on validation: small calibration error there and on the test split
-    assert cal["ece_val_after"] <= cal["ece_val_before"] and cal["ece_test_after"] < 0.05 and 0.5 < cal["temperature"] < 3
+    cal = card["calibration"]  # fitted on validation (it minimises NLL, not ECE): small calibration error on both splits
+    assert cal["ece_val_after"] < 0.03 and cal["ece_test_after"] < 0.05 and 0.5 < cal["temperature"] < 3
     assert "non-commercial" in card["data"]["licence_note"] and "CC BY-NC" in " ".join(card["data"]["licences"])
     assert card["training"]["command"].startswith("python -m model_training train")
     assert any("called COVID-19" in line for line in card["shortcut_checks"])
