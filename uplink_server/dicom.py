@@ -72,16 +72,16 @@ def read_dicom(data: bytes) -> tuple[np.ndarray, dict]:
 
     if rows * cols * frames > MAX_PIXELS:
         raise Refusal("too_many_pixels")
-    _check_pixel_data_length(ds, rows, cols, frames)
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    _check_pixel_data_length(ds, ts, rows, cols, frames)
     try:
         arr = ds.pixel_array
     except Exception as exc:
-        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
-        if _decoder_available(ts):  # we could decode this syntax, so the data itself is broken
+        if ts is not None and _decoder_available(ts):  # we could decode this syntax, so the data itself is broken
             raise Refusal("corrupt_image", f"The DICOM pixel data is corrupt or truncated: {exc}") from exc
         raise Refusal(
             "unsupported_dicom",
-            f"Cannot decode DICOM pixel data (transfer syntax {ts}): {exc}",
+            f"Cannot decode DICOM pixel data (transfer syntax {ts or 'unknown'}): {exc}",
         ) from exc
     if frames > 1:
         arr = arr[0]  # multi-frame: the first frame is the radiograph
@@ -98,12 +98,11 @@ def read_dicom(data: bytes) -> tuple[np.ndarray, dict]:
     return gray.astype(np.float32), meta
 
 
-def _check_pixel_data_length(ds, rows: int, cols: int, frames: int) -> None:
+def _check_pixel_data_length(ds, ts, rows: int, cols: int, frames: int) -> None:
     """Uncompressed pixel data shorter than the header promises means a cut file.
 
     pydicom reads a truncated element leniently, so the length is checked here.
     """
-    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if ts is None or getattr(ts, "is_compressed", True):
         return
     samples = int(ds.get("SamplesPerPixel", 1) or 1)

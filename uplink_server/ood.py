@@ -12,6 +12,7 @@ scoring are numpy-only, so training and serving share this module.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -64,12 +65,16 @@ def circular_field(small: np.ndarray) -> bool:
     kNN gate. Chest X-rays have shoulders, neck or abdomen in the corners: none
     of 3,702 training-set and 1,970 test-set X-rays matches.
     """
-    n = small.shape[0]
+    outside, rim = _circle_masks(small.shape[0])
+    return float((small[outside] < 0.05).mean()) > 0.9 and float((small[rim] < 0.05).mean()) < 0.1
+
+
+@lru_cache(maxsize=4)
+def _circle_masks(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(outside the inscribed circle, its inner rim) for an n x n image; built once, not per upload."""
     yy, xx = np.mgrid[:n, :n]
     r = np.hypot(yy - (n - 1) / 2, xx - (n - 1) / 2) / (n / 2)
-    outside_black = float((small[r > 1.02] < 0.05).mean())
-    rim_black = float((small[(r > 0.80) & (r < 0.95)] < 0.05).mean())
-    return outside_black > 0.9 and rim_black < 0.1
+    return r > 1.02, (r > 0.80) & (r < 0.95)
 
 
 def thumbnail(gray: np.ndarray, size: int = THUMB) -> np.ndarray:
