@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--out", default="weights")
     rl.add_argument("--version", required=True)
     rl.add_argument("--no-int8", action="store_true")
+    r8 = sub.add_parser("release-int8", help="(re)make the int8 copy of a shipped model; kept only within 0.5 accuracy points of fp32")
+    r8.add_argument("--name", default="cxr-screen")
+    r8.add_argument("--out", default="weights")
     fg = sub.add_parser("fit-gate", help="(re)fit a run's 'is this a chest X-ray' gate from its exported model and split")
     fg.add_argument("--run", required=True)
     sub.add_parser("archs", help="list registered architectures")
@@ -121,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                 res = evaluate(args.model, args.data, args.split, args.out, progress=not args.no_progress)
             except ModelNotFound as exc:
                 raise DataError(str(exc)) from None
+            if args.json:
+                res.pop("predictions")  # per image: in metrics.json with --out, too long for a terminal
             print(json.dumps(res, indent=2) if args.json else format_report(res))
         elif args.cmd == "quantize":
             import random
@@ -137,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
 
             card = release(Path(args.run), args.name, Path(args.out), args.version, quantize=not args.no_int8)
             print(json.dumps({k: card["evaluation"][k]["accuracy"] for k in ("kermany_official_test", "run_test_split")}))
+        elif args.cmd == "release-int8":
+            from .release import release_int8
+
+            print(json.dumps(release_int8(Path(args.out), args.name), indent=2))
         elif args.cmd == "fit-gate":
             from .train import refit_gate
 

@@ -79,6 +79,8 @@ def evaluate(model_path: str | Path, data: list[str], split: str = "auto", out: 
     res["by_source"] = metrics_by_group(y, probs, clf.classes, [r.source for r in kept])
     res["by_age_group"] = metrics_by_group(y, probs, clf.classes, [r.age_group for r in kept])
     res["unreadable"] = unreadable
+    # per image, for paired comparisons of two models on the same files (int8 vs fp32)
+    res["predictions"] = [{"path": r.path, "predicted": clf.classes[int(k)]} for r, k in zip(kept, probs.argmax(1))]
     res["model"] = {"name": clf.name, "version": clf.version, "path": str(model_path)}
     res["data"] = {"specs": data, "split": split}
     labels = set(r.label for r in kept)

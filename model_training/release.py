@@ -100,31 +100,70 @@ def release(run: Path, name: str, out: Path, version: str, quantize: bool = True
     card["shortcut_check_counts"] = checks
     card["files"] = {"onnx_mb": round(model.stat().st_size / 1e6, 2)}
     if quantize:
-        recs = [r for r in split_records if r.split == "train"]
-        random.Random(0).shuffle(recs)
-        q = quantize_model(model, out / f"{name}.int8.onnx", [r.path for r in recs], 200)
-        qcard = dict(card, name=f"{name}-int8", format="onnx-int8")
-        # evaluate finds a model's card beside it
-        (out / f"{name}.int8.card.json").write_text(json.dumps(qcard, indent=2))
-        q_public = evaluate(q, ["public"], "auto", progress=progress)
-        q_test = evaluate(q, [str(run / "splits.csv")], "test", progress=progress)
-        qcard["evaluation"] = {"kermany_official_test": _strip(q_public), "run_test_split": _strip(q_test)}
-        qcard["files"] = {"onnx_mb": round(q.stat().st_size / 1e6, 2)}
-        qcard["int8_vs_fp32_accuracy_points"] = {
-            "kermany_official_test": round(100 * (q_public["accuracy"] - public["accuracy"]), 2),
-            "run_test_split": round(100 * (q_test["accuracy"] - run_test["accuracy"]), 2),
-        }
-        drops = qcard["int8_vs_fp32_accuracy_points"]
-        shipped = all(abs(v) <= INT8_MAX_DROP_POINTS for v in drops.values())
-        card["int8"] = {"file": f"{name}.int8.onnx", **drops, "mb": qcard["files"]["onnx_mb"], "shipped": shipped}
-        if shipped:
-            (out / f"{name}.int8.card.json").write_text(json.dumps(qcard, indent=2))
-        else:  # an int8 model that disagrees with fp32 is not worth its speed
-            q.unlink()
-            (out / f"{name}.int8.card.json").unlink(missing_ok=True)
+        add_int8(out, name, card, public, run_test, progress)
     (out / f"{name}.card.json").write_text(json.dumps(card, indent=2))
     (out / f"{name}.card.md").write_text(release_markdown(card, name))
     return card
+
+
+def add_int8(out: Path, name: str, card: dict, public: dict, run_test: dict, progress: bool = True) -> dict:
+    """Quantize ``out/name.onnx`` (calibrated on 200 of its training images), evaluate the int8 copy on the
+    same two test sets as ``public`` and ``run_test`` (the fp32 results), and keep it only within
+    INT8_MAX_DROP_POINTS on both. Records the outcome in ``card["int8"]`` either way."""
+    splits_csv = out / f"{name}.splits.csv"
+    recs = [r for r in load_spec(str(splits_csv)) if r.split == "train"]
+    random.Random(0).shuffle(recs)
+    q = quantize_model(out / f"{name}.onnx", out / f"{name}.int8.onnx", [r.path for r in recs], 200)
+    qcard = dict(card, name=f"{name}-int8", format="onnx-int8")
+    qcard.pop("int8", None)
+    # evaluate finds a model's card beside it
+    (out / f"{name}.int8.card.json").write_text(json.dumps(qcard, indent=2))
+    q_public = evaluate(q, ["public"], "auto", progress=progress)
+    q_test = evaluate(q, [str(splits_csv)], "test", progress=progress)
+    qcard["evaluation"] = {
+        "kermany_official_test": _strip(q_public), "run_test_split": _strip(q_test),
+        "commands": [c.replace(f"{name}.onnx", f"{name}.int8.onnx") for c in card.get("evaluation", {}).get("commands", [])],
+    }
+    qcard["files"] = {"onnx_mb": round(q.stat().st_size / 1e6, 2)}
+    drops = {
+        "kermany_official_test": round(100 * (q_public["accuracy"] - public["accuracy"]), 2),
+        "run_test_split": round(100 * (q_test["accuracy"] - run_test["accuracy"]), 2),
+    }
+    qcard["int8_vs_fp32_accuracy_points"] = drops
+    agree = {"kermany_official_test": _agreement(public, q_public), "run_test_split": _agreement(run_test, q_test)}
+    shipped = all(abs(v) <= INT8_MAX_DROP_POINTS for v in drops.values())
+    card["int8"] = {"file": f"{name}.int8.onnx", **drops, "agreement_with_fp32": agree, "mb": qcard["files"]["onnx_mb"],
+                    "method": "static QDQ, uint8 weights and activations, per-channel, MinMax on 200 training images; "
+                              "stem, last convolution and classifier in float",
+                    "shipped": shipped}
+    if shipped:
+        qcard["int8"] = card["int8"]
+        (out / f"{name}.int8.card.json").write_text(json.dumps(qcard, indent=2))
+        (out / f"{name}.int8.card.md").write_text(release_markdown(qcard, f"{name}"))
+    else:  # an int8 model that disagrees with fp32 is not worth its speed
+        q.unlink()
+        (out / f"{name}.int8.card.json").unlink(missing_ok=True)
+        (out / f"{name}.int8.card.md").unlink(missing_ok=True)
+    return card["int8"]
+
+
+def release_int8(out: Path, name: str, progress: bool = True) -> dict:
+    """(Re)make the int8 copy of an already shipped model and update its cards."""
+    card = json.loads((out / f"{name}.card.json").read_text())
+    model = out / f"{name}.onnx"
+    public = evaluate(model, ["public"], "auto", progress=progress)
+    run_test = evaluate(model, [str(out / f"{name}.splits.csv")], "test", progress=progress)
+    info = add_int8(out, name, card, public, run_test, progress)
+    (out / f"{name}.card.json").write_text(json.dumps(card, indent=2))
+    (out / f"{name}.card.md").write_text(release_markdown(card, name))
+    return info
+
+
+def _agreement(a: dict, b: dict) -> float | None:
+    pa, pb = a.get("predictions"), b.get("predictions")
+    if not pa or not pb or len(pa) != len(pb):
+        return None
+    return round(float(np.mean([x["predicted"] == y["predicted"] for x, y in zip(pa, pb)])), 4)
 
 
 def _strip(res: dict) -> dict:
@@ -162,7 +201,11 @@ def release_markdown(card: dict, name: str) -> str:
         change = (f"accuracy change vs fp32 {q['kermany_official_test']:+.2f} points (Kermany test), "
                   f"{q['run_test_split']:+.2f} points (run test split)")
         lines += ["", f"**int8 variant** `{q['file']}` ({q['mb']} MB): {change}." if q.get("shipped", True) else
-                  f"**int8 variant not shipped**: static post-training quantization (QDQ, per-channel, MinMax calibration "
-                  f"on 200 training images) gave {change}, beyond the {INT8_MAX_DROP_POINTS} point limit."]
+                  f"**int8 variant not shipped** ({q.get('method', 'static QDQ')}): {change}, beyond the "
+                  f"{INT8_MAX_DROP_POINTS} point limit."]
+        if q.get("agreement_with_fp32"):
+            a = q["agreement_with_fp32"]
+            lines.append(f"Same class as fp32 on {a['kermany_official_test']:.1%} (Kermany test) and "
+                         f"{a['run_test_split']:.1%} (run test split) of the images.")
     lines += ["", f"File size: {card['files']['onnx_mb']} MB (ONNX fp32)", ""]
     return md + "\n".join(lines)
