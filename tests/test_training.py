@@ -336,3 +336,29 @@ def test_int8_copy_avoids_saturating_kernels_and_keeps_the_edges_float(tiny_run,
     got = ort.InferenceSession(str(out)).run(["logits"], {"input": x})[0]
     # a one-epoch 64 px model calibrated on 16 images: the pattern of the logits must survive
     assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.9, (ref, got)
+
+
+def test_release_ships_model_cards_and_reproducible_numbers(tiny_run, tmp_path, capsys):
+    """release copies a run into a weights folder whose card `evaluate` reproduces, and keeps an int8
+    copy only when it is within INT8_MAX_DROP_POINTS of fp32 on both test sets."""
+    from model_training.cli import main
+    from model_training.release import INT8_MAX_DROP_POINTS, release
+    from uplink_server.model import Classifier
+
+    out = tmp_path / "weights"
+    card = release(tiny_run, "tiny", out, "0.0.1", quantize=True, progress=False)
+    for f in ("tiny.onnx", "tiny.card.json", "tiny.card.md", "tiny.ood.npz", "tiny.splits.csv", "tiny.roc.png"):
+        assert (out / f).is_file(), f
+    ev = card["evaluation"]["kermany_official_test"]
+    assert ev["n"] == 624 and set(ev["by_source"]) == {"kermany"}
+    q = card["int8"]
+    assert q["shipped"] == all(abs(q[k]) <= INT8_MAX_DROP_POINTS for k in ("kermany_official_test", "run_test_split"))
+    assert (out / "tiny.int8.onnx").is_file() == q["shipped"] == (out / "tiny.int8.card.json").is_file()
+    assert 0.0 <= q["agreement_with_fp32"]["kermany_official_test"] <= 1.0
+    md = (out / "tiny.card.md").read_text()
+    assert "int8 variant" in md and "Reproduce: `python -m model_training evaluate" in md
+
+    assert Classifier(out / "tiny.onnx").version == "0.0.1"
+    assert main(["evaluate", "--model", str(out / "tiny.onnx"), "--data", "public", "--json", "--no-progress"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["n"] == 624 and abs(res["accuracy"] - ev["accuracy"]) < 1e-9 and "predictions" not in res
