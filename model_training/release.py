@@ -133,8 +133,8 @@ def add_int8(out: Path, name: str, card: dict, public: dict, run_test: dict, pro
     agree = {"kermany_official_test": _agreement(public, q_public), "run_test_split": _agreement(run_test, q_test)}
     shipped = all(abs(v) <= INT8_MAX_DROP_POINTS for v in drops.values())
     card["int8"] = {"file": f"{name}.int8.onnx", **drops, "agreement_with_fp32": agree, "mb": qcard["files"]["onnx_mb"],
-                    "method": "static QDQ, uint8 weights and activations, per-channel, MinMax on 200 training images; "
-                              "stem, last convolution and classifier in float",
+                    "method": "static QDQ, uint8 activations, 7-bit per-channel int8 weights, 99.99th percentile "
+                              "calibration on 200 training images; first 7 and last 3 convolutions and the classifier in float",
                     "shipped": shipped}
     if shipped:
         qcard["int8"] = card["int8"]

@@ -300,13 +300,14 @@ def test_compare_grid_small(tmp_path):
 
 
 def test_int8_copy_avoids_saturating_kernels_and_keeps_the_edges_float(tiny_run, xray_paths, tmp_path, capsys):
-    """uint8 weights (no VPMADDUBSW saturation on CPUs without VNNI), stem/last conv/classifier in float,
-    and the int8 copy still classifies like its fp32 original on real images."""
+    """7-bit int8 weights (no VPMADDUBSW saturation on CPUs without VNNI), uint8 activations, the first and
+    last convolutions and the classifier in float, and the int8 copy still classifies like its fp32 original."""
     import onnx
     import onnxruntime as ort
+    from onnx import numpy_helper
 
     from model_training.cli import main
-    from model_training.quantize import float_nodes
+    from model_training.quantize import FLOAT_HEAD_CONVS, FLOAT_TAIL_CONVS, float_nodes
     from uplink_server.imaging import decode
     from uplink_server.preprocessing import PreprocessSpec, preprocess
 
@@ -318,18 +319,26 @@ def test_int8_copy_avoids_saturating_kernels_and_keeps_the_edges_float(tiny_run,
     inits = {i.name: i for i in graph.initializer}
     producers = {o: n for n in graph.node for o in n.output}
 
-    def weight_is_int8(node) -> bool:
+    def int8_weight(node):
         dq = producers.get(node.input[1])
-        return dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits
+        if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits:
+            return inits[dq.input[0]]
+        return None
 
     convs = [n for n in graph.node if n.op_type in ("Conv", "Gemm")]
-    quantized = [n for n in convs if weight_is_int8(n)]
-    assert not weight_is_int8(convs[0]) and not weight_is_int8(convs[-1]) and not weight_is_int8(convs[-2])
-    assert {n.name for n in convs if not weight_is_int8(n)} == set(float_nodes(tiny_run / "model.onnx"))
-    assert len(quantized) == len(convs) - 3
-    zero_point_types = {inits[n.input[2]].data_type for n in graph.node
-                        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and n.input[2] in inits}
-    assert zero_point_types - {onnx.TensorProto.INT32} == {onnx.TensorProto.UINT8}  # int32: the biases
+    floats = [n for n in convs if int8_weight(n) is None]
+    assert {n.name for n in floats} == set(float_nodes(tiny_run / "model.onnx"))
+    assert floats[:FLOAT_HEAD_CONVS] == convs[:FLOAT_HEAD_CONVS] and convs[-1] in floats  # the Gemm
+    assert len(floats) == FLOAT_HEAD_CONVS + FLOAT_TAIL_CONVS + 1
+    for n in convs:
+        w = int8_weight(n)
+        if w is not None:
+            assert w.data_type == onnx.TensorProto.INT8
+            values = numpy_helper.to_array(w)
+            assert np.abs(values.astype(int)).max() <= 64, n.name  # 7-bit range: pairs of products cannot saturate
+    activations = {inits[n.input[2]].data_type for n in graph.node
+                   if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in inits}
+    assert activations == {onnx.TensorProto.UINT8}
 
     x = np.stack([preprocess(decode(p).gray, PreprocessSpec(size=(64, 64))) for p in xray_paths["covid"] + xray_paths["kermany_normal"]])
     ref = ort.InferenceSession(str(tiny_run / "model.onnx")).run(["logits"], {"input": x})[0]
