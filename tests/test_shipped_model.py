@@ -41,3 +41,23 @@ def test_default_model_is_served(one_xray):
     assert clf.name == "cxr-screen" and clf.gate is not None and clf.temperature != 1.0
     pred = clf.predict(one_xray)
     assert not pred.refused and pred.version == clf.version
+
+
+def test_shipped_int8_copy_is_within_half_a_point_and_reproducible(data_root, one_xray):
+    pytest.importorskip("sklearn")
+    from model_training.evaluate import evaluate
+    from model_training.release import INT8_MAX_DROP_POINTS
+
+    path = default_model_path().with_name("cxr-screen.int8.onnx")
+    card = json.loads(find_card(default_model_path()).read_text())["int8"]
+    if not card["shipped"]:
+        assert not path.exists()
+        pytest.skip("int8 copy not within the limit, not shipped")
+    assert abs(card["kermany_official_test"]) <= INT8_MAX_DROP_POINTS and abs(card["run_test_split"]) <= INT8_MAX_DROP_POINTS
+    qcard = json.loads(find_card(path).read_text())
+    res = evaluate(path, ["public"], "auto", progress=False)
+    assert res["confusion_matrix"] == qcard["evaluation"]["kermany_official_test"]["confusion_matrix"]
+    clf = Classifier(path)
+    assert clf.name == "cxr-screen-int8" and clf.gate is not None
+    pred = clf.predict(one_xray)
+    assert not pred.refused and pred.heatmap_png

@@ -368,6 +368,7 @@ def test_release_ships_model_cards_and_reproducible_numbers(tiny_run, tmp_path, 
     assert "int8 variant" in md and "Reproduce: `python -m model_training evaluate" in md
 
     assert Classifier(out / "tiny.onnx").version == "0.0.1"
+    capsys.readouterr()  # the calibration's own chatter
     assert main(["evaluate", "--model", str(out / "tiny.onnx"), "--data", "public", "--json", "--no-progress"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["n"] == 624 and abs(res["accuracy"] - ev["accuracy"]) < 1e-9 and "predictions" not in res
