@@ -20,6 +20,10 @@ KEEP_FLOAT_OPS = ("Gemm", "MatMul")
 FLOAT_HEAD_CONVS = 7  # EfficientNet-Lite0: the stem and the 112 x 112 blocks
 FLOAT_TAIL_CONVS = 3  # the last block and the head convolution (also the heatmap's features)
 CALIB_PERCENTILE = 99.99
+CALIB_IMAGES = 200
+METHOD = (f"static QDQ, uint8 activations, 7-bit per-channel int8 weights, {CALIB_PERCENTILE}th percentile calibration "
+          f"on {CALIB_IMAGES} training images; first {FLOAT_HEAD_CONVS} and last {FLOAT_TAIL_CONVS} convolutions and "
+          "the classifier in float")
 
 
 def float_nodes(model_path: Path) -> list[str]:
@@ -32,7 +36,8 @@ def float_nodes(model_path: Path) -> list[str]:
     return sorted(set(convs[:FLOAT_HEAD_CONVS] + convs[-FLOAT_TAIL_CONVS:] + keep))
 
 
-def quantize_model(model_path: Path, out_path: Path, calib_paths: list[str], max_images: int = 200) -> Path:
+def quantize_model(model_path: Path, out_path: Path, calib_paths: list[str], max_images: int = CALIB_IMAGES) -> Path:
+    import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -44,8 +49,6 @@ def quantize_model(model_path: Path, out_path: Path, calib_paths: list[str], max
 
     from uplink_server.imaging import decode
     from uplink_server.model import Classifier
-
-    import onnx
 
     clf = Classifier(model_path)
     input_name = onnx.load(str(model_path), load_external_data=False).graph.input[0].name

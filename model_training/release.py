@@ -16,7 +16,7 @@ import numpy as np
 from .datasets import load_spec, write_manifest
 from .evaluate import evaluate
 from .model_card import card_markdown
-from .quantize import quantize_model
+from .quantize import METHOD as INT8_METHOD, quantize_model
 
 INT8_MAX_DROP_POINTS = 0.5
 
@@ -107,13 +107,13 @@ def release(run: Path, name: str, out: Path, version: str, quantize: bool = True
 
 
 def add_int8(out: Path, name: str, card: dict, public: dict, run_test: dict, progress: bool = True) -> dict:
-    """Quantize ``out/name.onnx`` (calibrated on 200 of its training images), evaluate the int8 copy on the
+    """Quantize ``out/name.onnx`` (calibrated on CALIB_IMAGES of its training images), evaluate the int8 copy on the
     same two test sets as ``public`` and ``run_test`` (the fp32 results), and keep it only within
     INT8_MAX_DROP_POINTS on both. Records the outcome in ``card["int8"]`` either way."""
     splits_csv = out / f"{name}.splits.csv"
     recs = [r for r in load_spec(str(splits_csv)) if r.split == "train"]
     random.Random(0).shuffle(recs)
-    q = quantize_model(out / f"{name}.onnx", out / f"{name}.int8.onnx", [r.path for r in recs], 200)
+    q = quantize_model(out / f"{name}.onnx", out / f"{name}.int8.onnx", [r.path for r in recs])
     qcard = dict(card, name=f"{name}-int8", format="onnx-int8")
     qcard.pop("int8", None)
     # evaluate finds a model's card beside it
@@ -133,13 +133,11 @@ def add_int8(out: Path, name: str, card: dict, public: dict, run_test: dict, pro
     agree = {"kermany_official_test": _agreement(public, q_public), "run_test_split": _agreement(run_test, q_test)}
     shipped = all(abs(v) <= INT8_MAX_DROP_POINTS for v in drops.values())
     card["int8"] = {"file": f"{name}.int8.onnx", **drops, "agreement_with_fp32": agree, "mb": qcard["files"]["onnx_mb"],
-                    "method": "static QDQ, uint8 activations, 7-bit per-channel int8 weights, 99.99th percentile "
-                              "calibration on 200 training images; first 7 and last 3 convolutions and the classifier in float",
-                    "shipped": shipped}
+                    "method": INT8_METHOD, "shipped": shipped}
     if shipped:
         qcard["int8"] = card["int8"]
         (out / f"{name}.int8.card.json").write_text(json.dumps(qcard, indent=2))
-        (out / f"{name}.int8.card.md").write_text(release_markdown(qcard, f"{name}"))
+        (out / f"{name}.int8.card.md").write_text(release_markdown(qcard, name))
     else:  # an int8 model that disagrees with fp32 is not worth its speed
         q.unlink()
         (out / f"{name}.int8.card.json").unlink(missing_ok=True)
@@ -151,6 +149,7 @@ def release_int8(out: Path, name: str, progress: bool = True) -> dict:
     """(Re)make the int8 copy of an already shipped model and update its cards."""
     card = json.loads((out / f"{name}.card.json").read_text())
     model = out / f"{name}.onnx"
+    # fp32 again, not the card's numbers: the agreement needs its per-image predictions
     public = evaluate(model, ["public"], "auto", progress=progress)
     run_test = evaluate(model, [str(out / f"{name}.splits.csv")], "test", progress=progress)
     info = add_int8(out, name, card, public, run_test, progress)
