@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets import load_spec, write_manifest
+from .datasets import DataError, load_spec, write_manifest
 from .evaluate import evaluate
 from .model_card import card_markdown
 from .quantize import METHOD as INT8_METHOD, quantize_model
@@ -147,6 +147,10 @@ def add_int8(out: Path, name: str, card: dict, public: dict, run_test: dict, pro
 
 def release_int8(out: Path, name: str, progress: bool = True) -> dict:
     """(Re)make the int8 copy of an already shipped model and update its cards."""
+    missing = [f.name for f in (out / f"{name}.onnx", out / f"{name}.card.json", out / f"{name}.splits.csv") if not f.is_file()]
+    if missing:
+        raise DataError(f"no shipped model '{name}' in {out}: missing {', '.join(missing)} "
+                        "(release one with `python -m model_training release` first)")
     card = json.loads((out / f"{name}.card.json").read_text())
     model = out / f"{name}.onnx"
     # fp32 again, not the card's numbers: the agreement needs its per-image predictions

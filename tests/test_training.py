@@ -369,6 +369,9 @@ def test_release_ships_model_cards_and_reproducible_numbers(tiny_run, tmp_path, 
 
     assert Classifier(out / "tiny.onnx").version == "0.0.1"
     capsys.readouterr()  # the calibration's own chatter
+    (out / "tiny.splits.csv").unlink()  # a weights folder without its split cannot be re-quantized
+    assert main(["release-int8", "--name", "tiny", "--out", str(out)]) == 2
+    assert "missing tiny.splits.csv" in capsys.readouterr().err
     assert main(["evaluate", "--model", str(out / "tiny.onnx"), "--data", "public", "--json", "--no-progress"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["n"] == 624 and abs(res["accuracy"] - ev["accuracy"]) < 1e-9 and "predictions" not in res
