@@ -25,7 +25,7 @@ def _add_train_args(p: argparse.ArgumentParser, compare: bool = False) -> None:
     p.add_argument("--backbone-lr", type=float, default=d.backbone_lr, help="learning rate of fine-tuned blocks")
     p.add_argument("--freeze-epochs", type=int, default=None, help="epochs with the backbone frozen (feature extractor); default 1 when pretrained")
     p.add_argument("--finetune-blocks", type=int, default=d.finetune_blocks, help="top backbone blocks to fine-tune after the frozen phase (-1 all, 0 none)")
-    p.add_argument("--augment", default=d.augment, help="none | study | default | robust | key=value,... (rotation, shift, shear, zoom, hflip, brightness, contrast, gamma, blur)")
+    p.add_argument("--augment", default=d.augment, help="none | study | default | robust | framing | key=value,... (rotation, shift, shear, zoom, zoom_in, hflip, brightness, contrast, gamma, blur)")
     p.add_argument("--balance", choices=["weights", "sampler", "group", "none"], default=d.balance,
                    help="class imbalance: loss weights, class-balanced sampling, or sampling balanced per age group and class")
     p.add_argument("--patience", type=int, default=d.patience, help="early stopping patience (epochs) on validation loss")
@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", required=True, help="model file (.onnx; .keras/.h5 with the keras extra)")
     ev.add_argument("--data", action="append", required=True)
     ev.add_argument("--split", default="auto", help="auto (test split if the data has one, else all) | all | train | val | test")
+    ev.add_argument("--zoom", type=float, default=1.0,
+                    help="framing stress test: crop every image this much tighter (e.g. 1.4) before preprocessing")
     ev.add_argument("--json", action="store_true", help="print metrics as JSON")
     ev.add_argument("--out", default=None, help="folder for metrics.json and plots")
     ev.add_argument("--no-progress", action="store_true")
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             from .evaluate import evaluate, format_report
 
             try:
-                res = evaluate(args.model, args.data, args.split, args.out, progress=not args.no_progress)
+                res = evaluate(args.model, args.data, args.split, args.out, progress=not args.no_progress, zoom=args.zoom)
             except ModelNotFound as exc:
                 raise DataError(str(exc)) from None
             if args.json:

@@ -4,6 +4,7 @@ through the server's own loading and preprocessing code."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from uplink_server.ood import thumbnail
 
 from . import plots
 from .datasets import check_files, load_spec
+from .framing import tighter
 from .metrics import (
     binary_operating_point,
     compute_metrics,
@@ -34,7 +36,8 @@ def select_split(records, split: str):
 
 
 def evaluate(model_path: str | Path, data: list[str], split: str = "auto", out: Path | None = None,
-             batch_size: int = 32, progress: bool = True) -> dict:
+             batch_size: int = 32, progress: bool = True, zoom: float = 1.0) -> dict:
+    """``zoom`` > 1 is the framing stress test: every image cropped that much tighter before preprocessing."""
     clf = Classifier(model_path)
     records = []
     for spec in data:
@@ -61,6 +64,8 @@ def evaluate(model_path: str | Path, data: list[str], split: str = "auto", out: 
     for r in tqdm(records, desc="evaluate", disable=not progress):
         try:
             image = decode(r.path)
+            if zoom != 1.0:
+                image = replace(image, gray=tighter(image.gray, zoom))
             batch.append(clf.preprocess(image))
             if clf.gate is not None:
                 thumbs.append(thumbnail(image.gray))
@@ -82,7 +87,7 @@ def evaluate(model_path: str | Path, data: list[str], split: str = "auto", out: 
     # per image, for paired comparisons of two models on the same files (int8 vs fp32)
     res["predictions"] = [{"path": r.path, "predicted": clf.classes[int(k)]} for r, k in zip(kept, probs.argmax(1))]
     res["model"] = {"name": clf.name, "version": clf.version, "path": str(model_path)}
-    res["data"] = {"specs": data, "split": split}
+    res["data"] = {"specs": data, "split": split, **({"zoom": zoom} if zoom != 1.0 else {})}
     labels = set(r.label for r in kept)
     if "normal" in clf.classes and labels <= {"normal", "pneumonia"} and len(labels) == 2:
         # Kermany's question: normal vs abnormal (any other class counts as abnormal)
@@ -107,7 +112,8 @@ def evaluate(model_path: str | Path, data: list[str], split: str = "auto", out: 
 
 
 def format_report(res: dict) -> str:
-    lines = [f"model {res['model']['name']} {res['model']['version']} on {'+'.join(res['data']['specs'])} ({res['data']['split']})",
+    zoom = f", framed {res['data']['zoom']:g}x tighter" if "zoom" in res["data"] else ""
+    lines = [f"model {res['model']['name']} {res['model']['version']} on {'+'.join(res['data']['specs'])} ({res['data']['split']}{zoom})",
              summary_line(res)]
     for c, pc in res["per_class"].items():
         if pc["support"]:

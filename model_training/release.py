@@ -15,6 +15,7 @@ import numpy as np
 
 from .datasets import DataError, load_spec, write_manifest
 from .evaluate import evaluate
+from .framing import FACTORS, framing_checks
 from .model_card import card_markdown
 from .quantize import METHOD as INT8_METHOD, quantize_model
 
@@ -88,6 +89,7 @@ def release(run: Path, name: str, out: Path, version: str, quantize: bool = True
     run_metrics = run / "metrics.json"
     val_eval = json.loads(run_metrics.read_text()).get("val") if run_metrics.is_file() else None
     checks, lines = shortcut_checks(run_test, val_eval)
+    framing, framing_lines = framing_checks(_framing_evaluations(model, run / "splits.csv", public, progress))
     card["evaluation"] = {
         "kermany_official_test": _strip(public),
         "run_test_split": _strip(run_test),
@@ -96,14 +98,23 @@ def release(run: Path, name: str, out: Path, version: str, quantize: bool = True
     }
     split_records = load_spec(str(run / "splits.csv"))
     write_manifest(split_records, out / f"{name}.splits.csv")
-    card["shortcut_checks"] = lines
+    card["shortcut_checks"] = lines + framing_lines
     card["shortcut_check_counts"] = checks
+    card["framing_check"] = framing
     card["files"] = {"onnx_mb": round(model.stat().st_size / 1e6, 2)}
     if quantize:
         add_int8(out, name, card, public, run_test, progress)
     (out / f"{name}.card.json").write_text(json.dumps(card, indent=2))
     (out / f"{name}.card.md").write_text(release_markdown(card, name))
     return card
+
+
+def _framing_evaluations(model: Path, splits_csv: Path, public: dict, progress: bool) -> dict:
+    """Kermany normals as taken and cropped tighter: validation (patient-disjoint part of Kermany's training
+    set) and the official test."""
+    val = {f: evaluate(model, [str(splits_csv)], "val", progress=progress, zoom=f) for f in (1.0, *FACTORS)}
+    test = {1.0: public, **{f: evaluate(model, ["public"], "auto", progress=progress, zoom=f) for f in FACTORS}}
+    return {"validation": val, "official test": test}
 
 
 def add_int8(out: Path, name: str, card: dict, public: dict, run_test: dict, progress: bool = True) -> dict:

@@ -212,6 +212,27 @@ def test_photometric_augmentation_keeps_anatomy(one_xray):
     assert np.array_equal(Augmenter(cfg, seed=3)(x), Augmenter(cfg, seed=3)(x))
 
 
+def test_framing_augmentation_only_ever_frames_tighter(one_xray):
+    """zoom_in=0.5 magnifies the centre by 1-1.5x, which is what framing.tighter() then resizes simulates."""
+    from model_training.augmentation import Augmenter, parse_augment
+    from model_training.framing import tighter
+    from uplink_server.imaging import decode
+    from uplink_server.preprocessing import resize_gray
+
+    gray = decode(one_xray).gray
+    x = resize_gray(gray, (96, 96))
+    grid = [1.0 + 0.05 * k for k in range(13)]  # 1.0 .. 1.6
+    refs = [resize_gray(tighter(gray, f), (96, 96)) for f in grid]
+    best = []
+    for seed in range(8):
+        out = Augmenter(parse_augment("zoom_in=0.5"), seed=seed)(x)
+        best.append(grid[int(np.argmax([np.corrcoef(out.ravel(), r.ravel())[0, 1] for r in refs]))])
+    assert all(1.0 <= f <= 1.55 for f in best) and max(best) >= 1.25, best
+    assert tighter(np.zeros((100, 80)), 2.0).shape == (50, 40)
+    with pytest.raises(ValueError, match="only tighter framing"):
+        tighter(gray, 0.8)
+
+
 def test_tiny_run_produces_every_artefact(tiny_run):
     for name in ("metrics.json", "history.csv", "learning_curves.png", "confusion_matrix.png", "roc.png",
                  "model.onnx", "model_card.json", "model_card.md", "splits.csv", "near_duplicates.csv", "ood.npz"):
@@ -366,6 +387,12 @@ def test_release_ships_model_cards_and_reproducible_numbers(tiny_run, tmp_path, 
     assert 0.0 <= q["agreement_with_fp32"]["kermany_official_test"] <= 1.0
     md = (out / "tiny.card.md").read_text()
     assert "int8 variant" in md and "Reproduce: `python -m model_training evaluate" in md
+    # framing stress test: Kermany normals as taken (the card's own test numbers) and cropped tighter
+    fr = card["framing_check"]["official test"]
+    assert set(fr) == {"1.0", "1.2", "1.4"} and all(r["n"] == 234 for r in fr.values())
+    cm = ev["by_source"]["kermany"]["confusion_matrix"]
+    assert fr["1.0"]["count"] == 234 - cm[ev["classes"].index("normal")][ev["classes"].index("normal")]
+    assert "Framing stress test" in md
 
     assert Classifier(out / "tiny.onnx").version == "0.0.1"
     capsys.readouterr()  # the calibration's own chatter
@@ -375,3 +402,8 @@ def test_release_ships_model_cards_and_reproducible_numbers(tiny_run, tmp_path, 
     assert main(["evaluate", "--model", str(out / "tiny.onnx"), "--data", "public", "--json", "--no-progress"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["n"] == 624 and abs(res["accuracy"] - ev["accuracy"]) < 1e-9 and "predictions" not in res
+    assert main(["evaluate", "--model", str(out / "tiny.onnx"), "--data", "public", "--zoom", "1.4", "--json", "--no-progress"]) == 0
+    zoomed = json.loads(capsys.readouterr().out)
+    assert zoomed["data"]["zoom"] == 1.4 and zoomed["confusion_matrix"][0][0] == fr["1.4"]["n"] - fr["1.4"]["count"]
+    assert main(["evaluate", "--model", str(out / "tiny.onnx"), "--data", "public", "--zoom", "0.5", "--no-progress"]) == 2
+    assert "only tighter framing" in capsys.readouterr().err
