@@ -1,4 +1,4 @@
-"""Command line: ``python -m model_training {train,evaluate,compare,archs}``."""
+"""Command line: ``python -m model_training {train,finish,evaluate,compare,release,release-int8,quantize,fit-gate,archs}``."""
 
 from __future__ import annotations
 
@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     r8 = sub.add_parser("release-int8", help="(re)make the int8 copy of a shipped model; kept only within 0.5 accuracy points of fp32")
     r8.add_argument("--name", default="cxr-screen")
     r8.add_argument("--out", default="weights")
+    fn = sub.add_parser("finish", help="calibrate, export and write the card of a run whose training ended but whose export did not")
+    fn.add_argument("--run", required=True)
     fg = sub.add_parser("fit-gate", help="(re)fit a run's 'is this a chest X-ray' gate from its exported model and split")
     fg.add_argument("--run", required=True)
     sub.add_parser("archs", help="list registered architectures")
@@ -148,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
             from .release import release_int8
 
             print(json.dumps(release_int8(Path(args.out), args.name), indent=2))
+        elif args.cmd == "finish":
+            from .train import finish
+
+            finish(Path(args.run))
         elif args.cmd == "fit-gate":
             from .train import refit_gate
 

@@ -53,10 +53,10 @@ def export_onnx(model: nn.Module, path: Path, input_size: tuple[int, int], check
         ref = [t.numpy() for t in wrapper(torch.from_numpy(x))]
     got = sess.run(OUTPUT_NAMES, {"input": x})
     diffs = {n: float(np.abs(r - g).max()) for n, r, g in zip(OUTPUT_NAMES, ref, got)}
-    # Trained models have logits of order 1-10: 1e-4 absolute. Untrained deep nets (smoke tests with
-    # --pretrained none) can reach 1e7, where float32 rounding alone exceeds that: 1e-4 relative there.
+    # float32 rounding through the network grows with the logits: relative to their size. Confident
+    # trained models reach |logit| ~ 10 (1.5e-4 seen), untrained ones in smoke tests 1e7.
     scale = float(np.abs(ref[0]).max())
-    tol = atol if scale <= 100 else atol * scale
+    tol = atol * max(1.0, scale)
     if diffs["logits"] > tol:
         raise ExportMismatch(f"ONNX and torch logits differ by {diffs['logits']:.2e} > {tol:.2e}")
     log.info("ONNX export %s: max |torch - onnx| = %s", path, diffs)

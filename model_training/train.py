@@ -187,14 +187,9 @@ def prepare_data(cfg: TrainConfig, out: Path) -> tuple[list[Record], list[str], 
     return records, classes, info
 
 
-def train(cfg: TrainConfig) -> Path:
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    _seed_all(cfg.seed)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    t_start = time.time()
-    records, classes, data_info = prepare_data(cfg, out)
-    model, arch = create_model(cfg.arch, len(classes), cfg.pretrained, cfg.dropout)
+def _build(cfg: TrainConfig, records: list[Record], classes: list[str], pretrained: str):
+    """Model, input spec and evaluation loaders of a run: shared by train() and finish()."""
+    model, arch = create_model(cfg.arch, len(classes), pretrained, cfg.dropout)
     device = resolve_device(cfg.device)
     model.to(device)
     size = cfg.img_size or arch.input_size
@@ -202,10 +197,24 @@ def train(cfg: TrainConfig) -> Path:
         print(f"note: {arch.name} needs inputs of at least {arch.min_size} px; using {arch.min_size} instead of {size}")
         size = arch.min_size
     spec = PreprocessSpec(size=(size, size))
-    aug_cfg = parse_augment(cfg.augment)
     by_split = split_records(records)
-    train_ds = XrayDataset(by_split["train"], classes, spec, aug_cfg if cfg.augment != "none" else None, cfg.seed)
     eval_ds = {s: XrayDataset(by_split[s], classes, spec) for s in ("val", "test") if by_split[s]}
+    loader_kw = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
+                     pin_memory=device.type == "cuda")
+    eval_loaders = {s: DataLoader(ds, shuffle=False, **loader_kw) for s, ds in eval_ds.items()}
+    return model, arch, device, spec, by_split, eval_loaders, loader_kw
+
+
+def train(cfg: TrainConfig) -> Path:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _seed_all(cfg.seed)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    t_start = time.time()
+    records, classes, data_info = prepare_data(cfg, out)
+    model, arch, device, spec, by_split, eval_loaders, loader_kw = _build(cfg, records, classes, cfg.pretrained)
+    aug_cfg = parse_augment(cfg.augment)
+    train_ds = XrayDataset(by_split["train"], classes, spec, aug_cfg if cfg.augment != "none" else None, cfg.seed)
 
     counts = np.bincount([classes.index(r.label) for r in by_split["train"]], minlength=len(classes)).astype(float)
     n_samples = cfg.samples_per_epoch or len(train_ds)
@@ -221,10 +230,7 @@ def train(cfg: TrainConfig) -> Path:
         if cfg.balance == "weights":
             cw = counts.sum() / np.maximum(counts, 1) / len(classes)
             class_weights = torch.as_tensor(cw, dtype=torch.float32, device=device)
-    loader_kw = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
-                     pin_memory=device.type == "cuda")
     train_loader = DataLoader(train_ds, sampler=sampler, drop_last=len(train_ds) > cfg.batch_size, **loader_kw)
-    eval_loaders = {s: DataLoader(ds, shuffle=False, **loader_kw) for s, ds in eval_ds.items()}
     criterion = nn.CrossEntropyLoss(weight=class_weights)
     val_criterion = nn.CrossEntropyLoss()
 
@@ -282,7 +288,7 @@ def train(cfg: TrainConfig) -> Path:
         if val_loss < best_loss - 1e-4:
             best_loss, best_epoch, bad_epochs = val_loss, epoch, 0
             torch.save({"state_dict": model.state_dict(), "classes": classes, "arch": cfg.arch, "epoch": epoch,
-                        "config": asdict(cfg)}, ckpt)
+                        "config": asdict(cfg), "data_info": data_info}, ckpt)
         else:
             bad_epochs += 1
             if bad_epochs >= cfg.patience:
@@ -294,6 +300,36 @@ def train(cfg: TrainConfig) -> Path:
     plots.learning_curves(history, out / "learning_curves.png")
     return finalize(model, cfg, out, classes, spec, aug_cfg, records, by_split, eval_loaders, history, best_epoch,
                     train_minutes, data_info, arch)
+
+
+def finish(run: Path) -> Path:
+    """Calibrate, evaluate, export and write the card of a run whose training ended (``best.pt``) but whose
+    finishing steps did not (a failed export, a machine that went away): nothing is trained again."""
+    run = Path(run)
+    missing = [f for f in ("best.pt", "splits.csv", "history.csv") if not (run / f).is_file()]
+    if missing:
+        raise DataError(f"{run} is not a run whose training ended: missing {', '.join(missing)}")
+    ckpt = torch.load(run / "best.pt", map_location="cpu", weights_only=False)
+    fields = TrainConfig.__dataclass_fields__
+    cfg = TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in fields})
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    records, classes = load_spec(str(run / "splits.csv")), list(ckpt["classes"])
+    check_files(records)  # a run folder moved away from the data it names
+    with open(run / "near_duplicates.csv") as fh:
+        dups = max(0, sum(1 for _ in fh) - 1)
+    data_info = ckpt.get("data_info") or {"splits": summarize(records), "near_duplicates_across_splits": dups,
+                                          "unreadable_skipped": 0}
+    model, arch, _, spec, by_split, eval_loaders, _ = _build(cfg, records, classes, "none")
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    with open(run / "history.csv", newline="") as fh:
+        history = [{k: (v if k == "phase" else int(v) if k == "epoch" else float(v)) for k, v in row.items()}
+                   for row in csv.DictReader(fh)]
+    # the epochs' own time: the setup before them was not recorded
+    train_minutes = sum(h["seconds"] for h in history) / 60
+    plots.learning_curves(history, run / "learning_curves.png")
+    return finalize(model, cfg, run, classes, spec, parse_augment(cfg.augment), records, by_split, eval_loaders,
+                    history, int(ckpt["epoch"]), train_minutes, data_info, arch)
 
 
 def split_records(records: list[Record]) -> dict[str, list[Record]]:

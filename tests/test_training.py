@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from model_training.cli import main  # noqa: E402
-from model_training.datasets import load_spec  # noqa: E402
+from model_training.datasets import load_spec, write_manifest  # noqa: E402
 from model_training.labels import CLASSES, LabelError, canonical_label  # noqa: E402
 from model_training.splits import check_patient_disjoint, group_key, make_splits  # noqa: E402
 
@@ -251,6 +251,38 @@ def test_tiny_run_produces_every_artefact(tiny_run):
     # the split written to the run folder is patient-disjoint and reproducible
     recs = load_spec(str(tiny_run / "splits.csv"))
     check_patient_disjoint(recs)
+
+
+def test_finish_completes_a_run_from_its_checkpoint_without_training(tiny_run, tmp_path, capsys):
+    """A run whose export failed (or whose machine went away) after training is finished from best.pt:
+    the same weights give the same numbers, and a folder that is not such a run is a clear error."""
+    import shutil
+
+    from model_training.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("best.pt", "history.csv", "near_duplicates.csv"):
+        shutil.copy(tiny_run / name, run / name)
+    shutil.copy(tiny_run / "splits.csv", run / "splits.csv")  # its paths are relative to the run folder ...
+    assert main(["finish", "--run", str(run)]) == 2
+    assert "image file(s) listed but missing" in capsys.readouterr().err
+    write_manifest(load_spec(str(tiny_run / "splits.csv")), run / "splits.csv")  # ... as a manifest written here has them
+    assert main(["finish", "--run", str(run)]) == 0
+    for name in ("model.onnx", "model_card.json", "model_card.md", "metrics.json", "ood.npz", "roc.png", "learning_curves.png"):
+        assert (run / name).is_file(), name
+    before = json.loads((tiny_run / "model_card.json").read_text())
+    after = json.loads((run / "model_card.json").read_text())
+    assert after["training"]["command"] == before["training"]["command"] and after["training"]["best_epoch"] == before["training"]["best_epoch"]
+    assert after["data"]["splits"] == before["data"]["splits"]
+    old, new = json.loads((tiny_run / "metrics.json").read_text()), json.loads((run / "metrics.json").read_text())
+    for split in ("val", "test"):
+        assert new[split]["confusion_matrix"] == old[split]["confusion_matrix"]
+        assert abs(new[split]["loss"] - old[split]["loss"]) < 1e-5
+    capsys.readouterr()
+    (run / "best.pt").unlink()
+    assert main(["finish", "--run", str(run)]) == 2
+    assert "missing best.pt" in capsys.readouterr().err
 
 
 def test_onnx_matches_torch_on_real_images(tiny_run, xray_paths):
