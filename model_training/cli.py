@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--out", default="weights")
     rl.add_argument("--version", required=True)
     rl.add_argument("--no-int8", action="store_true")
+    rl.add_argument("--note", action="append", default=[], help="why this version, shown in its card (repeatable)")
     r8 = sub.add_parser("release-int8", help="(re)make the int8 copy of a shipped model; kept only within 0.5 accuracy points of fp32")
     r8.add_argument("--name", default="cxr-screen")
     r8.add_argument("--out", default="weights")
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "release":
             from .release import release
 
-            card = release(Path(args.run), args.name, Path(args.out), args.version, quantize=not args.no_int8)
+            card = release(Path(args.run), args.name, Path(args.out), args.version, quantize=not args.no_int8, notes=args.note)
             print(json.dumps({k: card["evaluation"][k]["accuracy"] for k in ("kermany_official_test", "run_test_split")}))
         elif args.cmd == "release-int8":
             from .release import release_int8

@@ -72,10 +72,13 @@ def shortcut_checks(run_eval: dict, val_eval: dict | None = None) -> tuple[dict,
     return checks, lines
 
 
-def release(run: Path, name: str, out: Path, version: str, quantize: bool = True, progress: bool = True) -> dict:
+def release(run: Path, name: str, out: Path, version: str, quantize: bool = True, progress: bool = True,
+            notes: list[str] | None = None) -> dict:
+    """``notes``: why this version, and anything a reader of its numbers must know (shown in the card)."""
     out.mkdir(parents=True, exist_ok=True)
     card = json.loads((run / "model_card.json").read_text())
     card["name"], card["version"] = name, version
+    card["release_notes"] = list(notes or [])
     card["ood"]["file"] = f"{name}.ood.npz"
     shutil.copy(run / "model.onnx", out / f"{name}.onnx")
     shutil.copy(run / "ood.npz", out / f"{name}.ood.npz")
@@ -192,7 +195,8 @@ def release_markdown(card: dict, name: str) -> str:
     md = card_markdown(card).replace("![learning curves](learning_curves.png) ![confusion matrix](confusion_matrix.png) ![ROC](roc.png)",
                                      f"![learning curves]({name}.learning_curves.png) ![confusion matrix]({name}.confusion_matrix.png) ![ROC]({name}.roc.png)")
     ev = card.get("evaluation", {})
-    lines = ["", "## Reproducible evaluation", ""]
+    lines = ["", "## Release notes", ""] + [f"- {n}" for n in card["release_notes"]] if card.get("release_notes") else []
+    lines += ["", "## Reproducible evaluation", ""]
     for key, title in (("kermany_official_test", "Kermany official test (624 children; normal vs pneumonia)"),
                        ("run_test_split", "Patient-disjoint test split of the training run (all sources)")):
         if key not in ev:

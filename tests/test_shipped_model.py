@@ -4,7 +4,9 @@ what the server and web app load by default."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from uplink_server.model import Classifier, default_model_path, find_card
@@ -36,6 +38,25 @@ def test_evaluate_reproduces_the_card_on_kermany_test(data_root):
     assert abs(res["roc_auc_macro"] - card["roc_auc_macro"]) < 1e-6
 
 
+def test_shipped_model_does_not_read_tight_framing_as_pneumonia(data_root):
+    """Healthy children from the validation split, cropped 1.4x tighter (as a tighter collimation frames
+    them), stay normal: 1.3.0 called half of them pneumonia, 1.4.0 is trained against it. The card
+    records the same check on every validation and test normal."""
+    from model_training.datasets import load_spec
+    from model_training.framing import tighter
+    from uplink_server.imaging import decode
+
+    clf = Classifier()
+    card = json.loads(find_card(default_model_path()).read_text())
+    assert card["framing_check"]["validation"]["1.4"]["rate"] < 0.05
+    splits = default_model_path().with_name("cxr-screen.splits.csv")
+    normals = [r for r in load_spec(str(splits)) if r.split == "val" and r.source == "kermany" and r.label == "normal"][:24]
+    assert len(normals) == 24
+    x = np.stack([clf.preprocess(replace(im, gray=tighter(im.gray, 1.4))) for im in map(decode, (r.path for r in normals))])
+    called = clf.probabilities(clf.run(x)[0]).argmax(1)
+    assert (called != clf.classes.index("normal")).sum() <= 2
+
+
 def test_default_model_is_served(one_xray):
     clf = Classifier()
     assert clf.name == "cxr-screen" and clf.gate is not None and clf.temperature != 1.0
@@ -56,7 +77,9 @@ def test_shipped_int8_copy_is_within_half_a_point_and_reproducible(data_root, on
     assert abs(card["kermany_official_test"]) <= INT8_MAX_DROP_POINTS and abs(card["run_test_split"]) <= INT8_MAX_DROP_POINTS
     qcard = json.loads(find_card(path).read_text())
     res = evaluate(path, ["public"], "auto", progress=False)
-    assert res["confusion_matrix"] == qcard["evaluation"]["kermany_official_test"]["confusion_matrix"]
+    # ONNX Runtime picks int8 kernels by CPU (AVX2, AVX-512 VNNI...); their rounding may tip one image
+    moved = np.abs(np.subtract(res["confusion_matrix"], qcard["evaluation"]["kermany_official_test"]["confusion_matrix"]))
+    assert moved.sum() <= 2, (res["confusion_matrix"], qcard["evaluation"]["kermany_official_test"]["confusion_matrix"])
     clf = Classifier(path)
     assert clf.name == "cxr-screen-int8" and clf.gate is not None
     pred = clf.predict(one_xray)

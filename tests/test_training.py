@@ -408,7 +408,7 @@ def test_release_ships_model_cards_and_reproducible_numbers(tiny_run, tmp_path, 
     from uplink_server.model import Classifier
 
     out = tmp_path / "weights"
-    card = release(tiny_run, "tiny", out, "0.0.1", quantize=True, progress=False)
+    card = release(tiny_run, "tiny", out, "0.0.1", quantize=True, progress=False, notes=["chosen on validation loss"])
     for f in ("tiny.onnx", "tiny.card.json", "tiny.card.md", "tiny.ood.npz", "tiny.splits.csv", "tiny.roc.png"):
         assert (out / f).is_file(), f
     ev = card["evaluation"]["kermany_official_test"]
@@ -419,6 +419,7 @@ def test_release_ships_model_cards_and_reproducible_numbers(tiny_run, tmp_path, 
     assert 0.0 <= q["agreement_with_fp32"]["kermany_official_test"] <= 1.0
     md = (out / "tiny.card.md").read_text()
     assert "int8 variant" in md and "Reproduce: `python -m model_training evaluate" in md
+    assert "## Release notes\n\n- chosen on validation loss" in md
     # framing stress test: Kermany normals as taken (the card's own test numbers) and cropped tighter
     fr = card["framing_check"]["official test"]
     assert set(fr) == {"1.0", "1.2", "1.4"} and all(r["n"] == 234 for r in fr.values())
