@@ -24,6 +24,8 @@ def _add_train_args(p: argparse.ArgumentParser, compare: bool = False) -> None:
     p.add_argument("--lr", type=float, default=d.lr, help="learning rate of the new head")
     p.add_argument("--backbone-lr", type=float, default=d.backbone_lr, help="learning rate of fine-tuned blocks")
     p.add_argument("--freeze-epochs", type=int, default=None, help="epochs with the backbone frozen (feature extractor); default 1 when pretrained")
+    p.add_argument("--frozen-bn", default=d.frozen_bn, choices=["imagenet", "adapt"],
+                   help="BatchNorm statistics of frozen layers: keep ImageNet's, or adapt them to the X-rays")
     p.add_argument("--finetune-blocks", type=int, default=d.finetune_blocks, help="top backbone blocks to fine-tune after the frozen phase (-1 all, 0 none)")
     p.add_argument("--augment", default=d.augment, help="none | study | default | robust | framing | key=value,... (rotation, shift, shear, zoom, zoom_in, hflip, brightness, contrast, gamma, blur)")
     p.add_argument("--balance", choices=["weights", "sampler", "group", "none"], default=d.balance,
@@ -48,7 +50,7 @@ def _config(args, **over):
         data=getattr(args, "data", None) or ["public"], arch=getattr(args, "arch", "efficientnet_lite0"),
         epochs=getattr(args, "epochs", 5), out=getattr(args, "out", "runs/latest"),
         pretrained=args.pretrained, img_size=args.img_size, batch_size=args.batch_size, lr=args.lr,
-        backbone_lr=args.backbone_lr, freeze_epochs=args.freeze_epochs, finetune_blocks=args.finetune_blocks,
+        backbone_lr=args.backbone_lr, freeze_epochs=args.freeze_epochs, finetune_blocks=args.finetune_blocks, frozen_bn=args.frozen_bn,
         augment=args.augment, balance=args.balance, patience=args.patience, seed=args.seed, limit=args.limit,
         samples_per_epoch=args.samples_per_epoch, val_frac=args.val_frac, test_frac=args.test_frac,
         workers=args.workers, skip_unreadable=args.skip_unreadable, uncertain_threshold=args.uncertain_threshold,

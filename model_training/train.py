@@ -53,6 +53,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     freeze_epochs: int | None = None  # default: 1 when pretrained, else 0
     finetune_blocks: int = -1  # top blocks unfrozen after the frozen phase; -1 all, 0 none
+    # BatchNorm statistics of frozen layers: "imagenet" keeps ImageNet's; "adapt" lets them follow the X-rays
+    # from the first batch, so that unfreezing does not switch the features the head was fitted to
+    frozen_bn: str = "imagenet"
     augment: str = "default"
     balance: str = "weights"  # weights | sampler | group | none
     patience: int = 3
@@ -235,6 +238,8 @@ def train(cfg: TrainConfig) -> Path:
     val_criterion = nn.CrossEntropyLoss()
 
     freeze_epochs = cfg.freeze_epochs if cfg.freeze_epochs is not None else (1 if cfg.pretrained != "none" else 0)
+    if cfg.frozen_bn not in ("imagenet", "adapt"):
+        raise DataError(f"--frozen-bn {cfg.frozen_bn!r}: use imagenet or adapt")
     if cfg.pretrained == "none" and cfg.finetune_blocks == 0:
         raise DataError("--pretrained none with --finetune-blocks 0 would train only a linear layer on random features")
     history, best_loss, best_epoch, bad_epochs = [], math.inf, 0, 0
@@ -253,7 +258,8 @@ def train(cfg: TrainConfig) -> Path:
                 optimizer, max_lr=[g["lr"] for g in groups], total_steps=max(2, remaining), pct_start=0.15
             )
         model.train()
-        _keep_frozen_bn_eval(model)
+        if cfg.frozen_bn == "imagenet":
+            _keep_frozen_bn_eval(model)
         t_ep = time.time()
         tot_loss, tot_ok, tot_n = 0.0, 0, 0
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.epochs} [{phase}]", disable=not cfg.progress)

@@ -253,6 +253,24 @@ def test_tiny_run_produces_every_artefact(tiny_run):
     check_patient_disjoint(recs)
 
 
+@pytest.mark.parametrize("frozen_bn", ["imagenet", "adapt"])
+def test_frozen_bn_keeps_or_adapts_the_statistics_of_frozen_layers(frozen_bn, tmp_path):
+    """One frozen epoch: BatchNorm statistics stay ImageNet's, or move to the X-rays' with --frozen-bn adapt."""
+    from torch import nn
+
+    from model_training.architectures import create_model
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", "public", "--img-size", "64", "--epochs", "1", "--limit", "8", "--batch-size", "4",
+                 "--workers", "0", "--frozen-bn", frozen_bn, "--out", str(out), "--no-progress"]) == 0
+    state = torch.load(out / "best.pt", map_location="cpu", weights_only=False)["state_dict"]
+    imagenet, _ = create_model("efficientnet_lite0", 2, "imagenet")
+    name = next(n for n, m in imagenet.named_modules() if isinstance(m, nn.BatchNorm2d))
+    moved = not torch.allclose(state[f"{name}.running_mean"], getattr(imagenet.get_submodule(name), "running_mean"))
+    assert moved == (frozen_bn == "adapt")
+    assert torch.equal(state[f"{name}.weight"], imagenet.get_submodule(name).weight)  # frozen either way
+
+
 def test_finish_completes_a_run_from_its_checkpoint_without_training(tiny_run, tmp_path, capsys):
     """A run whose export failed (or whose machine went away) after training is finished from best.pt:
     the same weights give the same numbers, and a folder that is not such a run is a clear error."""
