@@ -195,7 +195,8 @@ def release_markdown(card: dict, name: str) -> str:
     md = card_markdown(card).replace("![learning curves](learning_curves.png) ![confusion matrix](confusion_matrix.png) ![ROC](roc.png)",
                                      f"![learning curves]({name}.learning_curves.png) ![confusion matrix]({name}.confusion_matrix.png) ![ROC]({name}.roc.png)")
     ev = card.get("evaluation", {})
-    lines = ["", "## Release notes", ""] + [f"- {n}" for n in card["release_notes"]] if card.get("release_notes") else []
+    notes = card.get("release_notes") or []
+    lines = ["", "## Release notes", "", *[f"- {n}" for n in notes]] if notes else []
     lines += ["", "## Reproducible evaluation", ""]
     for key, title in (("kermany_official_test", "Kermany official test (624 children; normal vs pneumonia)"),
                        ("run_test_split", "Patient-disjoint test split of the training run (all sources)")):

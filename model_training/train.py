@@ -209,6 +209,11 @@ def _build(cfg: TrainConfig, records: list[Record], classes: list[str], pretrain
 
 
 def train(cfg: TrainConfig) -> Path:
+    # settings that cannot work fail before the data checks and the model download, not after
+    if cfg.frozen_bn not in ("imagenet", "adapt"):
+        raise DataError(f"--frozen-bn {cfg.frozen_bn!r}: use imagenet or adapt")
+    if cfg.pretrained == "none" and cfg.finetune_blocks == 0:
+        raise DataError("--pretrained none with --finetune-blocks 0 would train only a linear layer on random features")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     _seed_all(cfg.seed)
@@ -238,10 +243,6 @@ def train(cfg: TrainConfig) -> Path:
     val_criterion = nn.CrossEntropyLoss()
 
     freeze_epochs = cfg.freeze_epochs if cfg.freeze_epochs is not None else (1 if cfg.pretrained != "none" else 0)
-    if cfg.frozen_bn not in ("imagenet", "adapt"):
-        raise DataError(f"--frozen-bn {cfg.frozen_bn!r}: use imagenet or adapt")
-    if cfg.pretrained == "none" and cfg.finetune_blocks == 0:
-        raise DataError("--pretrained none with --finetune-blocks 0 would train only a linear layer on random features")
     history, best_loss, best_epoch, bad_epochs = [], math.inf, 0, 0
     phase, optimizer, scheduler = None, None, None
     ckpt = out / "best.pt"
@@ -321,10 +322,11 @@ def finish(run: Path) -> Path:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     records, classes = load_spec(str(run / "splits.csv")), list(ckpt["classes"])
     check_files(records)  # a run folder moved away from the data it names
-    with open(run / "near_duplicates.csv") as fh:
-        dups = max(0, sum(1 for _ in fh) - 1)
-    data_info = ckpt.get("data_info") or {"splits": summarize(records), "near_duplicates_across_splits": dups,
-                                          "unreadable_skipped": 0}
+    data_info = ckpt.get("data_info")
+    if data_info is None:  # checkpoints from before data_info was saved in them
+        dup_csv = run / "near_duplicates.csv"
+        dups = max(0, len(dup_csv.read_text().splitlines()) - 1) if dup_csv.is_file() else None
+        data_info = {"splits": summarize(records), "near_duplicates_across_splits": dups, "unreadable_skipped": 0}
     model, arch, _, spec, by_split, eval_loaders, _ = _build(cfg, records, classes, "none")
     model.load_state_dict(ckpt["state_dict"])
     model.eval()

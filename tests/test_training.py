@@ -271,6 +271,17 @@ def test_frozen_bn_keeps_or_adapts_the_statistics_of_frozen_layers(frozen_bn, tm
     assert torch.equal(state[f"{name}.weight"], imagenet.get_submodule(name).weight)  # frozen either way
 
 
+def test_impossible_training_settings_fail_before_any_data_is_read(tmp_path):
+    from model_training.datasets import DataError
+    from model_training.train import TrainConfig, train
+
+    with pytest.raises(DataError, match="use imagenet or adapt"):
+        train(TrainConfig(data=[str(tmp_path / "no-such-folder")], frozen_bn="batch", out=str(tmp_path / "run")))
+    with pytest.raises(DataError, match="only a linear layer"):
+        train(TrainConfig(data=[str(tmp_path / "no-such-folder")], pretrained="none", finetune_blocks=0, out=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
+
+
 def test_finish_completes_a_run_from_its_checkpoint_without_training(tiny_run, tmp_path, capsys):
     """A run whose export failed (or whose machine went away) after training is finished from best.pt:
     the same weights give the same numbers, and a folder that is not such a run is a clear error."""
