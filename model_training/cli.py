@@ -61,6 +61,14 @@ def _config(args, **over):
     return cfg
 
 
+def _add_float_head(p: argparse.ArgumentParser) -> None:
+    from .quantize import FLOAT_HEAD_CONVS
+
+    p.add_argument("--float-head-convs", type=int, default=FLOAT_HEAD_CONVS,
+                   help="int8: keep this many of the first convolutions in float (chosen for EfficientNet-Lite0; "
+                        "choose again on validation agreement for another architecture)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m model_training", description="Train, evaluate and compare chest X-ray classifiers.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -85,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--data", action="append", required=True, help="calibration images (their train/val split is used)")
     q.add_argument("--out", required=True)
     q.add_argument("--images", type=int, default=200)
+    _add_float_head(q)
     rl = sub.add_parser("release", help="ship a run's model into weights/ with evaluation, shortcut checks, int8 copy and cards")
     rl.add_argument("--run", required=True)
     rl.add_argument("--name", default="cxr-screen")
@@ -92,9 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--version", required=True)
     rl.add_argument("--no-int8", action="store_true")
     rl.add_argument("--note", action="append", default=[], help="why this version, shown in its card (repeatable)")
+    _add_float_head(rl)
     r8 = sub.add_parser("release-int8", help="(re)make the int8 copy of a shipped model; kept only within 0.5 accuracy points of fp32")
     r8.add_argument("--name", default="cxr-screen")
     r8.add_argument("--out", default="weights")
+    _add_float_head(r8)
     fn = sub.add_parser("finish", help="calibrate, export and write the card of a run whose training ended but whose export did not")
     fn.add_argument("--run", required=True)
     fg = sub.add_parser("fit-gate", help="(re)fit a run's 'is this a chest X-ray' gate from its exported model and split")
@@ -142,17 +153,18 @@ def main(argv: list[str] | None = None) -> int:
 
             recs = [r for spec in args.data for r in load_spec(spec) if r.split in ("", "train", "val")]
             random.Random(0).shuffle(recs)
-            out = quantize_model(Path(args.model), Path(args.out), [r.path for r in recs], args.images)
+            out = quantize_model(Path(args.model), Path(args.out), [r.path for r in recs], args.images, args.float_head_convs)
             print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
         elif args.cmd == "release":
             from .release import release
 
-            card = release(Path(args.run), args.name, Path(args.out), args.version, quantize=not args.no_int8, notes=args.note)
+            card = release(Path(args.run), args.name, Path(args.out), args.version, quantize=not args.no_int8, notes=args.note,
+                           float_head=args.float_head_convs)
             print(json.dumps({k: card["evaluation"][k]["accuracy"] for k in ("kermany_official_test", "run_test_split")}))
         elif args.cmd == "release-int8":
             from .release import release_int8
 
-            print(json.dumps(release_int8(Path(args.out), args.name), indent=2))
+            print(json.dumps(release_int8(Path(args.out), args.name, float_head=args.float_head_convs), indent=2))
         elif args.cmd == "finish":
             from .train import finish
 

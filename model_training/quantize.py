@@ -22,22 +22,32 @@ FLOAT_HEAD_CONVS = 13  # EfficientNet-Lite0: the stem and the blocks down to the
 FLOAT_TAIL_CONVS = 3  # the last block and the head convolution (also the heatmap's features)
 CALIB_PERCENTILE = 99.99
 CALIB_IMAGES = 200
-METHOD = (f"static QDQ, uint8 activations, 7-bit per-channel int8 weights, {CALIB_PERCENTILE}th percentile calibration "
-          f"on {CALIB_IMAGES} training images; first {FLOAT_HEAD_CONVS} and last {FLOAT_TAIL_CONVS} convolutions and "
-          "the classifier in float")
 
 
-def float_nodes(model_path: Path) -> list[str]:
-    """Names of the nodes kept in float: the first and last convolutions and every Gemm/MatMul."""
+def method(float_head: int = FLOAT_HEAD_CONVS) -> str:
+    """How an int8 copy was made, in the words its card uses."""
+    return (f"static QDQ, uint8 activations, 7-bit per-channel int8 weights, {CALIB_PERCENTILE}th percentile calibration "
+            f"on {CALIB_IMAGES} training images; first {float_head} and last {FLOAT_TAIL_CONVS} convolutions and "
+            "the classifier in float")
+
+
+def float_nodes(model_path: Path, float_head: int = FLOAT_HEAD_CONVS) -> list[str]:
+    """Names of the nodes kept in float: the first ``float_head`` and last convolutions and every Gemm/MatMul.
+
+    The right ``float_head`` depends on the architecture and even on the training recipe (see above): choose it
+    on validation agreement with fp32 for a new model."""
     import onnx
 
     graph = onnx.load(str(model_path), load_external_data=False).graph
     convs = [n.name for n in graph.node if n.op_type == "Conv"]
     keep = [n.name for n in graph.node if n.op_type in KEEP_FLOAT_OPS]
-    return sorted(set(convs[:FLOAT_HEAD_CONVS] + convs[-FLOAT_TAIL_CONVS:] + keep))
+    if float_head < 0:
+        raise ValueError(f"the number of float convolutions must be >= 0, not {float_head}")
+    return sorted(set(convs[:float_head] + convs[-FLOAT_TAIL_CONVS:] + keep))
 
 
-def quantize_model(model_path: Path, out_path: Path, calib_paths: list[str], max_images: int = CALIB_IMAGES) -> Path:
+def quantize_model(model_path: Path, out_path: Path, calib_paths: list[str], max_images: int = CALIB_IMAGES,
+                   float_head: int = FLOAT_HEAD_CONVS) -> Path:
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -71,7 +81,7 @@ def quantize_model(model_path: Path, out_path: Path, calib_paths: list[str], max
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=True,
                         calibrate_method=CalibrationMethod.Percentile,
                         extra_options={"CalibPercentile": CALIB_PERCENTILE},
-                        nodes_to_exclude=float_nodes(pre))
+                        nodes_to_exclude=float_nodes(pre, float_head))
     finally:
         pre.unlink(missing_ok=True)
     return out_path

@@ -17,7 +17,7 @@ from .datasets import DataError, load_spec, write_manifest
 from .evaluate import evaluate
 from .framing import FACTORS, framing_checks
 from .model_card import card_markdown
-from .quantize import METHOD as INT8_METHOD, quantize_model
+from .quantize import FLOAT_HEAD_CONVS, method as int8_method, quantize_model
 
 INT8_MAX_DROP_POINTS = 0.5
 
@@ -73,7 +73,7 @@ def shortcut_checks(run_eval: dict, val_eval: dict | None = None) -> tuple[dict,
 
 
 def release(run: Path, name: str, out: Path, version: str, quantize: bool = True, progress: bool = True,
-            notes: list[str] | None = None) -> dict:
+            notes: list[str] | None = None, float_head: int = FLOAT_HEAD_CONVS) -> dict:
     """``notes``: why this version, and anything a reader of its numbers must know (shown in the card)."""
     out.mkdir(parents=True, exist_ok=True)
     card = json.loads((run / "model_card.json").read_text())
@@ -106,7 +106,7 @@ def release(run: Path, name: str, out: Path, version: str, quantize: bool = True
     card["framing_check"] = framing
     card["files"] = {"onnx_mb": round(model.stat().st_size / 1e6, 2)}
     if quantize:
-        add_int8(out, name, card, public, run_test, progress)
+        add_int8(out, name, card, public, run_test, progress, float_head)
     (out / f"{name}.card.json").write_text(json.dumps(card, indent=2))
     (out / f"{name}.card.md").write_text(release_markdown(card, name))
     return card
@@ -120,14 +120,15 @@ def _framing_evaluations(model: Path, splits_csv: Path, public: dict, progress: 
     return {"validation": val, "official test": test}
 
 
-def add_int8(out: Path, name: str, card: dict, public: dict, run_test: dict, progress: bool = True) -> dict:
+def add_int8(out: Path, name: str, card: dict, public: dict, run_test: dict, progress: bool = True,
+             float_head: int = FLOAT_HEAD_CONVS) -> dict:
     """Quantize ``out/name.onnx`` (calibrated on CALIB_IMAGES of its training images), evaluate the int8 copy on the
     same two test sets as ``public`` and ``run_test`` (the fp32 results), and keep it only within
     INT8_MAX_DROP_POINTS on both. Records the outcome in ``card["int8"]`` either way."""
     splits_csv = out / f"{name}.splits.csv"
     recs = [r for r in load_spec(str(splits_csv)) if r.split == "train"]
     random.Random(0).shuffle(recs)
-    q = quantize_model(out / f"{name}.onnx", out / f"{name}.int8.onnx", [r.path for r in recs])
+    q = quantize_model(out / f"{name}.onnx", out / f"{name}.int8.onnx", [r.path for r in recs], float_head=float_head)
     qcard = dict(card, name=f"{name}-int8", format="onnx-int8")
     qcard.pop("int8", None)
     # evaluate finds a model's card beside it
@@ -147,7 +148,7 @@ def add_int8(out: Path, name: str, card: dict, public: dict, run_test: dict, pro
     agree = {"kermany_official_test": _agreement(public, q_public), "run_test_split": _agreement(run_test, q_test)}
     shipped = all(abs(v) <= INT8_MAX_DROP_POINTS for v in drops.values())
     card["int8"] = {"file": f"{name}.int8.onnx", **drops, "agreement_with_fp32": agree, "mb": qcard["files"]["onnx_mb"],
-                    "method": INT8_METHOD, "shipped": shipped}
+                    "method": int8_method(float_head), "shipped": shipped}
     if shipped:
         qcard["int8"] = card["int8"]
         (out / f"{name}.int8.card.json").write_text(json.dumps(qcard, indent=2))
@@ -159,7 +160,7 @@ def add_int8(out: Path, name: str, card: dict, public: dict, run_test: dict, pro
     return card["int8"]
 
 
-def release_int8(out: Path, name: str, progress: bool = True) -> dict:
+def release_int8(out: Path, name: str, progress: bool = True, float_head: int = FLOAT_HEAD_CONVS) -> dict:
     """(Re)make the int8 copy of an already shipped model and update its cards."""
     missing = [f.name for f in (out / f"{name}.onnx", out / f"{name}.card.json", out / f"{name}.splits.csv") if not f.is_file()]
     if missing:
@@ -170,7 +171,7 @@ def release_int8(out: Path, name: str, progress: bool = True) -> dict:
     # fp32 again, not the card's numbers: the agreement needs its per-image predictions
     public = evaluate(model, ["public"], "auto", progress=progress)
     run_test = evaluate(model, [str(out / f"{name}.splits.csv")], "test", progress=progress)
-    info = add_int8(out, name, card, public, run_test, progress)
+    info = add_int8(out, name, card, public, run_test, progress, float_head)
     (out / f"{name}.card.json").write_text(json.dumps(card, indent=2))
     (out / f"{name}.card.md").write_text(release_markdown(card, name))
     return info

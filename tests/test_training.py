@@ -429,6 +429,28 @@ def test_int8_copy_avoids_saturating_kernels_and_keeps_the_edges_float(tiny_run,
     assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.9, (ref, got)
 
 
+def test_quantize_float_head_is_chosen_per_model(tiny_run, tmp_path, capsys):
+    """--float-head-convs keeps that many of the first convolutions in float (another architecture needs its
+    own choice), and a negative count is a clear error."""
+    import onnx
+
+    from model_training.cli import main
+    from model_training.quantize import FLOAT_TAIL_CONVS, float_nodes
+
+    out = tmp_path / "m2.int8.onnx"
+    assert main(["quantize", "--model", str(tiny_run / "model.onnx"), "--data", str(tiny_run / "splits.csv"),
+                 "--out", str(out), "--images", "8", "--float-head-convs", "2"]) == 0
+    graph = onnx.load(str(out)).graph
+    float_convs = [n.name for n in graph.node if n.op_type == "Conv"
+                   and not any(i.endswith("_DequantizeLinear_Output") for i in n.input[1:2])]
+    all_convs = [n.name for n in onnx.load(str(tiny_run / "model.onnx")).graph.node if n.op_type == "Conv"]
+    assert float_convs == all_convs[:2] + all_convs[-FLOAT_TAIL_CONVS:]
+    assert len(float_nodes(tiny_run / "model.onnx", 2)) == 2 + FLOAT_TAIL_CONVS + 1
+    assert main(["quantize", "--model", str(tiny_run / "model.onnx"), "--data", str(tiny_run / "splits.csv"),
+                 "--out", str(tmp_path / "bad.onnx"), "--float-head-convs", "-1"]) == 2
+    assert "float convolutions must be >= 0" in capsys.readouterr().err
+
+
 def test_release_ships_model_cards_and_reproducible_numbers(tiny_run, tmp_path, capsys):
     """release copies a run into a weights folder whose card `evaluate` reproduces, and keeps an int8
     copy only when it is within INT8_MAX_DROP_POINTS of fp32 on both test sets."""
