@@ -123,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     from .splits import SplitError
 
     try:
+        if getattr(args, "float_head_convs", 0) < 0:  # before minutes of loading and evaluating, not after
+            from .quantize import check_float_head
+
+            check_float_head(args.float_head_convs)
         if args.cmd == "archs":
             from .architectures import REGISTRY
 

@@ -31,6 +31,11 @@ def method(float_head: int = FLOAT_HEAD_CONVS) -> str:
             "the classifier in float")
 
 
+def check_float_head(float_head: int) -> None:
+    if float_head < 0:
+        raise ValueError(f"the number of float convolutions must be >= 0, not {float_head}")
+
+
 def float_nodes(model_path: Path, float_head: int = FLOAT_HEAD_CONVS) -> list[str]:
     """Names of the nodes kept in float: the first ``float_head`` and last convolutions and every Gemm/MatMul.
 
@@ -38,11 +43,10 @@ def float_nodes(model_path: Path, float_head: int = FLOAT_HEAD_CONVS) -> list[st
     on validation agreement with fp32 for a new model."""
     import onnx
 
+    check_float_head(float_head)
     graph = onnx.load(str(model_path), load_external_data=False).graph
     convs = [n.name for n in graph.node if n.op_type == "Conv"]
     keep = [n.name for n in graph.node if n.op_type in KEEP_FLOAT_OPS]
-    if float_head < 0:
-        raise ValueError(f"the number of float convolutions must be >= 0, not {float_head}")
     return sorted(set(convs[:float_head] + convs[-FLOAT_TAIL_CONVS:] + keep))
 
 

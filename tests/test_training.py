@@ -381,6 +381,18 @@ def test_compare_grid_small(tmp_path):
     assert (out / "comparison.png").is_file()
 
 
+def _int8_weights(graph) -> dict:
+    """Conv/Gemm node name -> its int8 weight initializer, or None where the node stayed float."""
+    inits = {i.name: i for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    out = {}
+    for node in graph.node:
+        if node.op_type in ("Conv", "Gemm"):
+            dq = producers.get(node.input[1])
+            out[node.name] = inits[dq.input[0]] if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits else None
+    return out
+
+
 def test_int8_copy_avoids_saturating_kernels_and_keeps_the_edges_float(tiny_run, xray_paths, tmp_path, capsys):
     """7-bit int8 weights (no VPMADDUBSW saturation on CPUs without VNNI), uint8 activations, the first and
     last convolutions and the classifier in float, and the int8 copy still classifies like its fp32 original."""
@@ -399,21 +411,14 @@ def test_int8_copy_avoids_saturating_kernels_and_keeps_the_edges_float(tiny_run,
     assert "MB" in capsys.readouterr().out
     graph = onnx.load(str(out)).graph
     inits = {i.name: i for i in graph.initializer}
-    producers = {o: n for n in graph.node for o in n.output}
-
-    def int8_weight(node):
-        dq = producers.get(node.input[1])
-        if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits:
-            return inits[dq.input[0]]
-        return None
-
+    weights = _int8_weights(graph)
     convs = [n for n in graph.node if n.op_type in ("Conv", "Gemm")]
-    floats = [n for n in convs if int8_weight(n) is None]
+    floats = [n for n in convs if weights[n.name] is None]
     assert {n.name for n in floats} == set(float_nodes(tiny_run / "model.onnx"))
     assert floats[:FLOAT_HEAD_CONVS] == convs[:FLOAT_HEAD_CONVS] and convs[-1] in floats  # the Gemm
     assert len(floats) == FLOAT_HEAD_CONVS + FLOAT_TAIL_CONVS + 1
     for n in convs:
-        w = int8_weight(n)
+        w = weights[n.name]
         if w is not None:
             assert w.data_type == onnx.TensorProto.INT8
             values = numpy_helper.to_array(w)
@@ -441,14 +446,17 @@ def test_quantize_float_head_is_chosen_per_model(tiny_run, tmp_path, capsys):
     assert main(["quantize", "--model", str(tiny_run / "model.onnx"), "--data", str(tiny_run / "splits.csv"),
                  "--out", str(out), "--images", "8", "--float-head-convs", "2"]) == 0
     graph = onnx.load(str(out)).graph
-    float_convs = [n.name for n in graph.node if n.op_type == "Conv"
-                   and not any(i.endswith("_DequantizeLinear_Output") for i in n.input[1:2])]
+    float_convs = [n.name for n in graph.node if n.op_type == "Conv" and _int8_weights(graph)[n.name] is None]
     all_convs = [n.name for n in onnx.load(str(tiny_run / "model.onnx")).graph.node if n.op_type == "Conv"]
     assert float_convs == all_convs[:2] + all_convs[-FLOAT_TAIL_CONVS:]
     assert len(float_nodes(tiny_run / "model.onnx", 2)) == 2 + FLOAT_TAIL_CONVS + 1
     assert main(["quantize", "--model", str(tiny_run / "model.onnx"), "--data", str(tiny_run / "splits.csv"),
                  "--out", str(tmp_path / "bad.onnx"), "--float-head-convs", "-1"]) == 2
     assert "float convolutions must be >= 0" in capsys.readouterr().err
+    # release refuses it before copying or evaluating anything
+    assert main(["release", "--run", str(tiny_run), "--version", "0.0.1", "--out", str(tmp_path / "w"),
+                 "--float-head-convs", "-1"]) == 2
+    assert "float convolutions must be >= 0" in capsys.readouterr().err and not (tmp_path / "w").exists()
 
 
 def test_release_ships_model_cards_and_reproducible_numbers(tiny_run, tmp_path, capsys):
