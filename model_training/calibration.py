@@ -36,3 +36,19 @@ def expected_calibration_error(probs: np.ndarray, y: np.ndarray, n_bins: int = 1
 
 def calibrated_probs(logits: np.ndarray, temperature: float) -> np.ndarray:
     return softmax(logits / temperature, axis=1)
+
+
+def calibrate(val_logits: np.ndarray, val_y: np.ndarray, test: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    """Temperature scaling fitted on validation, with ECE before and after (and on ``test`` = (logits, y))."""
+    t = fit_temperature(val_logits, val_y)
+    out = {
+        "method": "temperature scaling on the validation split",
+        "temperature": t,
+        "ece_val_before": expected_calibration_error(calibrated_probs(val_logits, 1.0), val_y),
+        "ece_val_after": expected_calibration_error(calibrated_probs(val_logits, t), val_y),
+    }
+    if test is not None:
+        tl, ty = test
+        out["ece_test_before"] = expected_calibration_error(calibrated_probs(tl, 1.0), ty)
+        out["ece_test_after"] = expected_calibration_error(calibrated_probs(tl, t), ty)
+    return out

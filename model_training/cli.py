@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_float_head(r8)
     fn = sub.add_parser("finish", help="calibrate, export and write the card of a run whose training ended but whose export did not")
     fn.add_argument("--run", required=True)
+    en = sub.add_parser("ensemble", help="merge models trained on the same split into one ONNX file, calibrated and "
+                                         "evaluated like a run (release it like one)")
+    en.add_argument("--models", nargs="+", required=True,
+                    help="ONNX files with their card and splits beside them (a run folder's or a shipped model's)")
+    en.add_argument("--out", required=True, help="run folder to write")
+    en.add_argument("--no-progress", action="store_true")
     fg = sub.add_parser("fit-gate", help="(re)fit a run's 'is this a chest X-ray' gate from its exported model and split")
     fg.add_argument("--run", required=True)
     sub.add_parser("archs", help="list registered architectures")
@@ -173,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
             from .train import finish
 
             finish(Path(args.run))
+        elif args.cmd == "ensemble":
+            from .ensemble import build
+
+            build([Path(m) for m in args.models], Path(args.out), command="python -m model_training " + shlex.join(sys.argv[1:] if argv is None else argv), progress=not args.no_progress)
         elif args.cmd == "fit-gate":
             from .train import refit_gate
 

@@ -35,21 +35,10 @@ def select_split(records, split: str):
     return [r for r in records if r.split == split]
 
 
-def evaluate(model_path: str | Path, data: list[str], split: str = "auto", out: Path | None = None,
-             batch_size: int = 32, progress: bool = True, zoom: float = 1.0) -> dict:
-    """``zoom`` > 1 is the framing stress test: every image cropped that much tighter before preprocessing."""
-    clf = Classifier(model_path)
-    records = []
-    for spec in data:
-        records.extend(load_spec(spec))
-    records = select_split(records, split)
-    if not records:
-        raise ValueError(f"no images in split {split!r} of {data}")
-    check_files(records)
-    unknown = sorted({r.label for r in records} - set(clf.classes))
-    if unknown:
-        raise ValueError(f"the data has classes the model does not know: {unknown} (model classes: {clf.classes})")
-    logits, embs, thumbs, y, kept, unreadable = [], [], [], [], [], []
+def predict_records(clf: Classifier, records, batch_size: int = 32, progress: bool = True, zoom: float = 1.0):
+    """Raw logits (before temperature), embeddings (None without them) and gate thumbnails of the readable
+    records, which come back as ``kept``; ``unreadable`` lists the others with the reason."""
+    logits, embs, thumbs, kept, unreadable = [], [], [], [], []
     batch, batch_recs = [], []
 
     def flush():
@@ -77,7 +66,26 @@ def evaluate(model_path: str | Path, data: list[str], split: str = "auto", out: 
             flush()
     if batch:
         flush()
-    logits = np.concatenate(logits)
+    n_out = len(clf.classes)
+    return (np.concatenate(logits) if logits else np.zeros((0, n_out), np.float32),
+            np.concatenate(embs) if embs else None, thumbs, kept, unreadable)
+
+
+def evaluate(model_path: str | Path, data: list[str], split: str = "auto", out: Path | None = None,
+             batch_size: int = 32, progress: bool = True, zoom: float = 1.0) -> dict:
+    """``zoom`` > 1 is the framing stress test: every image cropped that much tighter before preprocessing."""
+    clf = Classifier(model_path)
+    records = []
+    for spec in data:
+        records.extend(load_spec(spec))
+    records = select_split(records, split)
+    if not records:
+        raise ValueError(f"no images in split {split!r} of {data}")
+    check_files(records)
+    unknown = sorted({r.label for r in records} - set(clf.classes))
+    if unknown:
+        raise ValueError(f"the data has classes the model does not know: {unknown} (model classes: {clf.classes})")
+    logits, embs, thumbs, kept, unreadable = predict_records(clf, records, batch_size, progress, zoom)
     probs = clf.probabilities(logits)
     y = np.array([clf.classes.index(r.label) for r in kept])
     res = compute_metrics(y, probs, clf.classes)
@@ -99,8 +107,8 @@ def evaluate(model_path: str | Path, data: list[str], split: str = "auto", out: 
     if "covid19" in labels and len(labels) > 1:
         k = clf.classes.index("covid19")
         res["covid19_vs_rest"] = binary_operating_point((y == k).astype(int), probs[:, k])
-    if embs and clf.gate is not None:
-        scores = clf.gate.score(np.concatenate(embs), np.stack(thumbs))
+    if embs is not None and clf.gate is not None:
+        scores = clf.gate.score(embs, np.stack(thumbs))
         res["ood_refusal_rate"] = float((scores > clf.gate.threshold).mean())
     if out:
         out = Path(out)

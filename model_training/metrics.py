@@ -103,3 +103,11 @@ def summary_line(m: dict) -> str:
         f"n={m['n']} acc={m['accuracy']:.4f} loss={m['loss']:.4f} f1_macro={m['f1_macro'] or 0:.4f} "
         f"auc_macro={auc if auc is None else round(auc, 4)} ece={m['ece']:.4f}"
     )
+
+
+def split_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str], records) -> dict:
+    """compute_metrics plus the same per source and per age group (the shortcut tables of a card)."""
+    out = compute_metrics(y, probs, classes)
+    out["by_source"] = metrics_by_group(y, probs, classes, [r.source for r in records])
+    out["by_age_group"] = metrics_by_group(y, probs, classes, [r.age_group for r in records])
+    return out

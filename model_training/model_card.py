@@ -101,7 +101,14 @@ def card_markdown(card: dict) -> str:
               f"- Training time: {card['training']['minutes']} min, {card['training']['epochs_run']} epochs (best {card['training']['best_epoch']})",
               f"- Calibration: temperature {card['calibration']['temperature']:.3f}; validation ECE {card['calibration']['ece_val_before']:.4f} -> {card['calibration']['ece_val_after']:.4f}"
               + (f"; test ECE {card['calibration']['ece_test_before']:.4f} -> {card['calibration']['ece_test_after']:.4f}" if "ece_test_before" in card["calibration"] else ""),
-              f"- Uncertain below top probability {card['uncertain_threshold']}", ""]
+              f"- Uncertain below top probability {card['uncertain_threshold']}"]
+    for i, mem in enumerate(card.get("members", [])):
+        lines.append(f"- Member {i}: {mem['name']} {mem['version']} (`{mem['model']}`), best epoch {mem['best_epoch']}, "
+                     f"validation loss {_fmt(mem['val_loss_at_best_epoch'])}; trained with `{mem['command']}`")
+    if "float16_weight_tensors" in card.get("export", {}):
+        lines.append(f"- Weights: {card['export']['weights']}; largest probability change from it "
+                     f"{card['export']['max_abs_probability_change_vs_float32']:.5f} on {card['export']['checked_images']} validation images")
+    lines.append("")
     lines += ["## Metrics", "", "| split | n | accuracy | loss | F1 macro | ROC-AUC macro | ECE |", "|---|---|---|---|---|---|---|"]
     for s, mm in m.items():
         lines.append(f"| {s} | {mm['n']} | {_fmt(mm['accuracy'])} | {_fmt(mm['loss'])} | {_fmt(mm['f1_macro'])} | {_fmt(mm['roc_auc_macro'])} | {_fmt(mm['ece'])} |")

@@ -12,12 +12,16 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
 
-def learning_curves(history: list[dict], out: Path) -> None:
-    ep = [h["epoch"] for h in history]
+def learning_curves(history: list[dict] | dict[str, list[dict]], out: Path) -> None:
+    """One run's curves, or several runs' ({name: history}, an ensemble's members) on the same axes."""
+    runs = history if isinstance(history, dict) else {"": history}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key in zip(axes, ("loss", "accuracy")):
-        ax.plot(ep, [h[f"train_{key}"] for h in history], "o-", label="train")
-        ax.plot(ep, [h[f"val_{key}"] for h in history], "o-", label="validation")
+        for name, hist in runs.items():
+            ep = [h["epoch"] for h in hist]
+            tag = f"{name}: " if name else ""
+            ax.plot(ep, [h[f"train_{key}"] for h in hist], "o-", label=tag + "train")
+            ax.plot(ep, [h[f"val_{key}"] for h in hist], "o-", label=tag + "validation")
         ax.set_xlabel("epoch")
         ax.set_title(key)
         ax.grid(alpha=0.3)

@@ -24,11 +24,25 @@ CALIB_PERCENTILE = 99.99
 CALIB_IMAGES = 200
 
 
-def method(float_head: int = FLOAT_HEAD_CONVS) -> str:
+def method(float_head: int = FLOAT_HEAD_CONVS, members: int = 1) -> str:
     """How an int8 copy was made, in the words its card uses."""
+    each = " of each member" if members > 1 else ""
     return (f"static QDQ, uint8 activations, 7-bit per-channel int8 weights, {CALIB_PERCENTILE}th percentile calibration "
-            f"on {CALIB_IMAGES} training images; first {float_head} and last {FLOAT_TAIL_CONVS} convolutions and "
-            "the classifier in float")
+            f"on {calibration_images(CALIB_IMAGES, members)} training images; first {float_head} and last {FLOAT_TAIL_CONVS} "
+            f"convolutions{each} and the classifier in float")
+
+
+def calibration_images(max_images: int, members: int = 1) -> int:
+    """Percentile calibration keeps every activation of every image in memory (500 images of one Lite0 did not
+    fit in 24 GB), so an ensemble of n members is calibrated on 1/n as many images."""
+    return max(1, max_images // max(1, members))
+
+
+def ensemble_members(model_path: Path) -> int:
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(model_path), load_external_data=False).metadata_props}
+    return int(props.get("ensemble_members", 1))
 
 
 def check_float_head(float_head: int) -> None:
@@ -43,11 +57,18 @@ def float_nodes(model_path: Path, float_head: int = FLOAT_HEAD_CONVS) -> list[st
     on validation agreement with fp32 for a new model."""
     import onnx
 
+    from .ensemble import member_of
+
     check_float_head(float_head)
     graph = onnx.load(str(model_path), load_external_data=False).graph
-    convs = [n.name for n in graph.node if n.op_type == "Conv"]
     keep = [n.name for n in graph.node if n.op_type in KEEP_FLOAT_OPS]
-    return sorted(set(convs[:float_head] + convs[-FLOAT_TAIL_CONVS:] + keep))
+    members: dict[str, list[str]] = {}  # an ensemble's members each keep their own first and last layers
+    for n in graph.node:
+        if n.op_type == "Conv":
+            members.setdefault(member_of(n.name), []).append(n.name)
+    for convs in members.values():
+        keep += convs[:float_head] + convs[-FLOAT_TAIL_CONVS:]
+    return sorted(set(keep))
 
 
 def quantize_model(model_path: Path, out_path: Path, calib_paths: list[str], max_images: int = CALIB_IMAGES,
@@ -65,12 +86,15 @@ def quantize_model(model_path: Path, out_path: Path, calib_paths: list[str], max
     from uplink_server.imaging import decode
     from uplink_server.model import Classifier
 
+    from .ensemble import FLOAT16_SUFFIX, restore_float32
+
     clf = Classifier(model_path)
     input_name = onnx.load(str(model_path), load_external_data=False).graph.input[0].name
+    n_images = calibration_images(max_images, ensemble_members(model_path))
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.it = iter(calib_paths[:max_images])
+            self.it = iter(calib_paths[:n_images])
 
         def get_next(self):
             for p in self.it:
@@ -79,7 +103,13 @@ def quantize_model(model_path: Path, out_path: Path, calib_paths: list[str], max
 
     out_path = Path(out_path)
     pre = out_path.with_suffix(".pre.onnx")
+    unpacked = out_path.with_suffix(".fp32.onnx")
     try:
+        src = onnx.load(str(model_path))
+        if any(i.name.endswith(FLOAT16_SUFFIX) for i in src.graph.initializer):
+            # weights stored as float16 (an ensemble): the quantizer needs them as float32 initializers
+            onnx.save(restore_float32(src), str(unpacked))
+            model_path = unpacked
         quant_pre_process(str(model_path), str(pre), skip_symbolic_shape=True)
         quantize_static(str(pre), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=True,
@@ -88,4 +118,5 @@ def quantize_model(model_path: Path, out_path: Path, calib_paths: list[str], max
                         nodes_to_exclude=float_nodes(pre, float_head))
     finally:
         pre.unlink(missing_ok=True)
+        unpacked.unlink(missing_ok=True)
     return out_path

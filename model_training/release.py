@@ -17,7 +17,8 @@ from .datasets import DataError, load_spec, write_manifest
 from .evaluate import evaluate
 from .framing import FACTORS, framing_checks
 from .model_card import card_markdown
-from .quantize import FLOAT_HEAD_CONVS, method as int8_method, quantize_model
+from .quantize import FLOAT_HEAD_CONVS, ensemble_members, quantize_model
+from .quantize import method as int8_method
 
 INT8_MAX_DROP_POINTS = 0.5
 
@@ -148,7 +149,7 @@ def add_int8(out: Path, name: str, card: dict, public: dict, run_test: dict, pro
     agree = {"kermany_official_test": _agreement(public, q_public), "run_test_split": _agreement(run_test, q_test)}
     shipped = all(abs(v) <= INT8_MAX_DROP_POINTS for v in drops.values())
     card["int8"] = {"file": f"{name}.int8.onnx", **drops, "agreement_with_fp32": agree, "mb": qcard["files"]["onnx_mb"],
-                    "method": int8_method(float_head), "shipped": shipped}
+                    "method": int8_method(float_head, ensemble_members(out / f"{name}.onnx")), "shipped": shipped}
     if shipped:
         qcard["int8"] = card["int8"]
         (out / f"{name}.int8.card.json").write_text(json.dumps(qcard, indent=2))
@@ -227,5 +228,6 @@ def release_markdown(card: dict, name: str) -> str:
             a = q["agreement_with_fp32"]
             lines.append(f"Same class as fp32 on {a['kermany_official_test']:.1%} (Kermany test) and "
                          f"{a['run_test_split']:.1%} (run test split) of the images.")
-    lines += ["", f"File size: {card['files']['onnx_mb']} MB (ONNX fp32)", ""]
+    weights = "int8 weights" if card.get("format") == "onnx-int8" else "float32 arithmetic"
+    lines += ["", f"File size: {card['files']['onnx_mb']} MB (ONNX, {weights})", ""]
     return md + "\n".join(lines)

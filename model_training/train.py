@@ -26,11 +26,11 @@ from uplink_server.preprocessing import PreprocessSpec, preprocess
 from . import plots
 from .architectures import DEFAULT_ARCH, create_model
 from .augmentation import Augmenter, parse_augment
-from .calibration import calibrated_probs, expected_calibration_error, fit_temperature
+from .calibration import calibrate, calibrated_probs
 from .datasets import DataError, Record, check_files, load_spec, write_manifest
 from .export import export_onnx
 from .labels import classes_present
-from .metrics import compute_metrics, metrics_by_group, summary_line
+from .metrics import split_metrics, summary_line
 from .model_card import KNN_GATE_METHOD, build_card, write_card
 from .preflight import UnreadableImages, hash_images
 from .sampling import sample_weights
@@ -369,24 +369,11 @@ def finalize(model, cfg, out, classes, spec, aug_cfg, records, by_split, eval_lo
     """Calibrate, evaluate per split and source, export ONNX, fit the OOD gate, write the card."""
     outputs = {s: predict_all(model, dl, cfg.progress, f"evaluate {s}") for s, dl in eval_loaders.items()}
     val_logits, val_y = outputs["val"]
-    temperature = fit_temperature(val_logits, val_y)
-    calibration = {
-        "method": "temperature scaling on the validation split",
-        "temperature": temperature,
-        "ece_val_before": expected_calibration_error(calibrated_probs(val_logits, 1.0), val_y),
-        "ece_val_after": expected_calibration_error(calibrated_probs(val_logits, temperature), val_y),
-    }
-    if "test" in outputs:
-        tl, ty = outputs["test"]
-        calibration["ece_test_before"] = expected_calibration_error(calibrated_probs(tl, 1.0), ty)
-        calibration["ece_test_after"] = expected_calibration_error(calibrated_probs(tl, temperature), ty)
+    calibration = calibrate(val_logits, val_y, outputs.get("test"))
+    temperature = calibration["temperature"]
     metrics = {}
     for s, (lg, y) in outputs.items():
-        probs = calibrated_probs(lg, temperature)
-        recs = by_split[s]
-        metrics[s] = compute_metrics(y, probs, classes)
-        metrics[s]["by_source"] = metrics_by_group(y, probs, classes, [r.source for r in recs])
-        metrics[s]["by_age_group"] = metrics_by_group(y, probs, classes, [r.age_group for r in recs])
+        metrics[s] = split_metrics(y, calibrated_probs(lg, temperature), classes, by_split[s])
         print(f"{s}: {summary_line(metrics[s])}")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     final = metrics.get("test", metrics["val"])
