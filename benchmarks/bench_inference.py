@@ -85,13 +85,15 @@ def main() -> None:
         print("torch eager: not installed (serving does not need it)")
         return
     clf = Classifier(args.model)
-    model, _ = create_model(clf.card["architecture"], len(clf.classes), "none")
-    model.eval()
+    # an ensemble runs each member's network: time them all, one after another
+    archs = [m["architecture"] for m in clf.card.get("members", [])] or [clf.card["architecture"]]
+    models = [create_model(a, len(clf.classes), "none")[0].eval() for a in archs]
     torch.set_num_threads(os.cpu_count() or 1)
 
     def run_torch(b):
         with torch.no_grad():
-            model.forward_all(torch.from_numpy(b))
+            for model in models:
+                model.forward_all(torch.from_numpy(b))
 
     print(f"torch eager fp32: batch {throughput(run_torch, batch):.1f} images/s")
 

@@ -21,7 +21,11 @@ def test_card_is_complete_and_honest():
     cal = card["calibration"]  # fitted on validation (it minimises NLL, not ECE): small calibration error on both splits
     assert cal["ece_val_after"] < 0.03 and cal["ece_test_after"] < 0.05 and 0.5 < cal["temperature"] < 3
     assert "non-commercial" in card["data"]["licence_note"] and "CC BY-NC" in " ".join(card["data"]["licences"])
-    assert card["training"]["command"].startswith("python -m model_training train")
+    # a trained model names its training command; an ensemble its own and every member's
+    commands = [m["command"] for m in card.get("members", [])] or [card["training"]["command"]]
+    assert all(c.startswith("python -m model_training train") for c in commands)
+    if "members" in card:
+        assert card["training"]["command"].startswith("python -m model_training ensemble --models")
     assert any("called COVID-19" in line for line in card["shortcut_checks"])
     assert "not a diagnosis" in card["intended_use"]
 
