@@ -22,14 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from . import plots
-from .calibration import calibrate, calibrated_probs
+from .calibration import calibrated_probs
 from .datasets import DataError, load_spec, write_manifest
-from .metrics import split_metrics, summary_line
+from .metrics import calibrate_and_report
 from .model_card import KNN_GATE_METHOD, library_versions, write_card
 
 MEMBER_PREFIX = "m{}/"
 MEMBER_RE = re.compile(r"^(m\d+)/")
-MERGED_OUTPUTS = ("logits", "cam", "embedding")
 FLOAT16_SUFFIX = "__float16"
 FLOAT16_MAX = 65000.0  # float16's largest finite value is 65504
 WEIGHT_BUDGET_BYTES = 24_000_000  # one file stays under the 25 MB limit of a shipped model
@@ -215,18 +214,9 @@ def build(members: list[Path], out: Path, command: str = "", progress: bool = Tr
             outputs[s] = (logits, np.array([clf.classes.index(r.label) for r in kept]))
     if "val" not in outputs:
         raise DataError("the members' split has no validation images to calibrate the ensemble on")
-    calibration = calibrate(*outputs["val"], outputs.get("test"))
-    metrics = {}
-    for s, (lg, y) in outputs.items():
-        metrics[s] = split_metrics(y, calibrated_probs(lg, calibration["temperature"]), clf.classes, by_split[s])
-        print(f"{s}: {summary_line(metrics[s])}")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    final = "test" if "test" in metrics else "val"
-    plots.confusion(metrics[final]["confusion_matrix"], clf.classes, out / "confusion_matrix.png", f"{final} split")
-    lg, y = outputs[final]
-    plots.roc(y, calibrated_probs(lg, calibration["temperature"]), clf.classes, out / "roc.png", f"ROC, {final} split")
-    plots.learning_curves(dict(zip(_member_names(members, cards), (c["training"]["history"] for c in cards))),
-                          out / "learning_curves.png")
+    calibration, metrics = calibrate_and_report(outputs, by_split, clf.classes, out)
+    histories = dict(zip(_member_names(members, cards), (c["training"].get("history") or [] for c in cards)))
+    plots.learning_curves(histories, out / "learning_curves.png")
     gate = fit_ood_gate(out / "model.onnx", clf.spec, by_split, seed)
     gate.save(out / "ood.npz")
 
@@ -245,7 +235,7 @@ def build(members: list[Path], out: Path, command: str = "", progress: bool = Tr
                 **change},
         library_versions=library_versions(),
         members=[_member_summary(m, c) for m, c in zip(members, cards)],
-        training=_ensemble_training(members, cards, command),
+        training=_ensemble_training(members, cards, command, histories),
     )
     for key in ("release_notes", "evaluation", "shortcut_checks", "shortcut_check_counts", "framing_check", "files", "int8"):
         card.pop(key, None)
@@ -270,7 +260,7 @@ def _member_summary(model: Path, card: dict) -> dict:
             "temperature": card.get("calibration", {}).get("temperature")}
 
 
-def _ensemble_training(members: list[Path], cards: list[dict], command: str) -> dict:
+def _ensemble_training(members: list[Path], cards: list[dict], command: str, histories: dict) -> dict:
     ts = [c["training"] for c in cards]
     return {
         "command": command or "python -m model_training ensemble --models " + " ".join(map(str, members)),
@@ -282,7 +272,7 @@ def _ensemble_training(members: list[Path], cards: list[dict], command: str) -> 
         "best_epoch": ", ".join(str(t.get("best_epoch")) for t in ts),
         "minutes": round(sum(float(t.get("minutes") or 0) for t in ts), 2),
         "history": [],
-        "member_histories": dict(zip(_member_names(members, cards), (c["training"].get("history") for c in cards))),
+        "member_histories": histories,
     }
 
 

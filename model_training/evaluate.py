@@ -18,12 +18,7 @@ from uplink_server.ood import thumbnail
 from . import plots
 from .datasets import check_files, load_spec
 from .framing import tighter
-from .metrics import (
-    binary_operating_point,
-    compute_metrics,
-    metrics_by_group,
-    summary_line,
-)
+from .metrics import binary_operating_point, split_metrics, summary_line
 
 
 def select_split(records, split: str):
@@ -88,9 +83,7 @@ def evaluate(model_path: str | Path, data: list[str], split: str = "auto", out: 
     logits, embs, thumbs, kept, unreadable = predict_records(clf, records, batch_size, progress, zoom)
     probs = clf.probabilities(logits)
     y = np.array([clf.classes.index(r.label) for r in kept])
-    res = compute_metrics(y, probs, clf.classes)
-    res["by_source"] = metrics_by_group(y, probs, clf.classes, [r.source for r in kept])
-    res["by_age_group"] = metrics_by_group(y, probs, clf.classes, [r.age_group for r in kept])
+    res = split_metrics(y, probs, clf.classes, kept)
     res["unreadable"] = unreadable
     # per image, for paired comparisons of two models on the same files (int8 vs fp32)
     res["predictions"] = [{"path": r.path, "predicted": clf.classes[int(k)]} for r, k in zip(kept, probs.argmax(1))]

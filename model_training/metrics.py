@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import (
@@ -111,3 +113,24 @@ def split_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str], records)
     out["by_source"] = metrics_by_group(y, probs, classes, [r.source for r in records])
     out["by_age_group"] = metrics_by_group(y, probs, classes, [r.age_group for r in records])
     return out
+
+
+def calibrate_and_report(outputs: dict, by_split: dict, classes: list[str], out: Path) -> tuple[dict, dict]:
+    """What a run (or an ensemble) leaves from its raw logits ``outputs`` = {split: (logits, y)}: temperature
+    fitted on validation, metrics per split, source and age group (``metrics.json``), and the confusion matrix
+    and ROC of the test split (validation without one). Returns (calibration, metrics)."""
+    from . import plots
+    from .calibration import calibrate, calibrated_probs
+
+    calibration = calibrate(*outputs["val"], outputs.get("test"))
+    t = calibration["temperature"]
+    metrics = {}
+    for s, (lg, y) in outputs.items():
+        metrics[s] = split_metrics(y, calibrated_probs(lg, t), classes, by_split[s])
+        print(f"{s}: {summary_line(metrics[s])}")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    final = "test" if "test" in metrics else "val"
+    plots.confusion(metrics[final]["confusion_matrix"], classes, out / "confusion_matrix.png", f"{final} split")
+    lg, y = outputs[final]
+    plots.roc(y, calibrated_probs(lg, t), classes, out / "roc.png", f"ROC, {final} split")
+    return calibration, metrics

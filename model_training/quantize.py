@@ -38,11 +38,13 @@ def calibration_images(max_images: int, members: int = 1) -> int:
     return max(1, max_images // max(1, members))
 
 
-def ensemble_members(model_path: Path) -> int:
+def ensemble_members(model) -> int:
+    """How many networks an ONNX model (a path or a loaded ModelProto) averages: 1 unless it is an ensemble."""
     import onnx
 
-    props = {p.key: p.value for p in onnx.load(str(model_path), load_external_data=False).metadata_props}
-    return int(props.get("ensemble_members", 1))
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    return int({p.key: p.value for p in model.metadata_props}.get("ensemble_members", 1))
 
 
 def check_float_head(float_head: int) -> None:
@@ -89,8 +91,9 @@ def quantize_model(model_path: Path, out_path: Path, calib_paths: list[str], max
     from .ensemble import FLOAT16_SUFFIX, restore_float32
 
     clf = Classifier(model_path)
-    input_name = onnx.load(str(model_path), load_external_data=False).graph.input[0].name
-    n_images = calibration_images(max_images, ensemble_members(model_path))
+    src = onnx.load(str(model_path))
+    input_name = src.graph.input[0].name
+    n_images = calibration_images(max_images, ensemble_members(src))
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -105,7 +108,6 @@ def quantize_model(model_path: Path, out_path: Path, calib_paths: list[str], max
     pre = out_path.with_suffix(".pre.onnx")
     unpacked = out_path.with_suffix(".fp32.onnx")
     try:
-        src = onnx.load(str(model_path))
         if any(i.name.endswith(FLOAT16_SUFFIX) for i in src.graph.initializer):
             # weights stored as float16 (an ensemble): the quantizer needs them as float32 initializers
             onnx.save(restore_float32(src), str(unpacked))

@@ -26,11 +26,10 @@ from uplink_server.preprocessing import PreprocessSpec, preprocess
 from . import plots
 from .architectures import DEFAULT_ARCH, create_model
 from .augmentation import Augmenter, parse_augment
-from .calibration import calibrate, calibrated_probs
 from .datasets import DataError, Record, check_files, load_spec, write_manifest
 from .export import export_onnx
 from .labels import classes_present
-from .metrics import split_metrics, summary_line
+from .metrics import calibrate_and_report
 from .model_card import KNN_GATE_METHOD, build_card, write_card
 from .preflight import UnreadableImages, hash_images
 from .sampling import sample_weights
@@ -368,19 +367,7 @@ def finalize(model, cfg, out, classes, spec, aug_cfg, records, by_split, eval_lo
              train_minutes, data_info, arch) -> Path:
     """Calibrate, evaluate per split and source, export ONNX, fit the OOD gate, write the card."""
     outputs = {s: predict_all(model, dl, cfg.progress, f"evaluate {s}") for s, dl in eval_loaders.items()}
-    val_logits, val_y = outputs["val"]
-    calibration = calibrate(val_logits, val_y, outputs.get("test"))
-    temperature = calibration["temperature"]
-    metrics = {}
-    for s, (lg, y) in outputs.items():
-        metrics[s] = split_metrics(y, calibrated_probs(lg, temperature), classes, by_split[s])
-        print(f"{s}: {summary_line(metrics[s])}")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    final = metrics.get("test", metrics["val"])
-    split_name = "test" if "test" in metrics else "val"
-    plots.confusion(final["confusion_matrix"], classes, out / "confusion_matrix.png", f"{split_name} split")
-    lg, y = outputs[split_name]
-    plots.roc(y, calibrated_probs(lg, temperature), classes, out / "roc.png", f"ROC, {split_name} split")
+    calibration, metrics = calibrate_and_report(outputs, by_split, classes, out)
 
     check = np.stack([eval_loaders["val"].dataset[i][0].numpy() for i in range(min(4, len(eval_loaders["val"].dataset)))])
     model.cpu()  # export and check on the CPU, where the server runs
