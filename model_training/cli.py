@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ONNX files with their card and splits beside them (a run folder's or a shipped model's)")
     en.add_argument("--out", required=True, help="run folder to write")
     en.add_argument("--no-progress", action="store_true")
+    up = sub.add_parser("unpack", help="take an ensemble apart: one run folder per member (OUT/m0, OUT/m1, ...) "
+                                       "that `ensemble` accepts, e.g. to pair a member with a new model")
+    up.add_argument("--model", required=True, help="an ensemble's ONNX file with its card and splits beside it")
+    up.add_argument("--out", required=True)
     fg = sub.add_parser("fit-gate", help="(re)fit a run's 'is this a chest X-ray' gate from its exported model and split")
     fg.add_argument("--run", required=True)
     sub.add_parser("archs", help="list registered architectures")
@@ -183,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
             from .ensemble import build
 
             build([Path(m) for m in args.models], Path(args.out), command="python -m model_training " + shlex.join(sys.argv[1:] if argv is None else argv), progress=not args.no_progress)
+        elif args.cmd == "unpack":
+            from .ensemble import unpack
+
+            for folder in unpack(Path(args.model), Path(args.out)):
+                print(folder / "model.onnx")
         elif args.cmd == "fit-gate":
             from .train import refit_gate
 

@@ -5,7 +5,8 @@
 The members must share classes, preprocessing and the patient-level split (their validation data calibrates the
 ensemble and their test data judges it, so a member that trained on another member's test images would make
 both meaningless). Logits and heatmaps are averaged; embeddings are concatenated and the refusal gate is fitted
-again on them. The result is a run folder that ``release`` ships like a trained one.
+again on them. The result is a run folder that ``release`` ships like a trained one. ``unpack`` takes a shipped ensemble apart
+again into one run folder per member, so that a member can be paired with a newly trained model.
 
 Two EfficientNet-Lite0s weigh 26.9 MB in float32: the weights nearest the output are stored as float16 (and cast
 back to float32 when ONNX Runtime loads the file, so the arithmetic stays float32) until the file is under 24 MB.
@@ -149,6 +150,122 @@ def restore_float32(model):
     return model
 
 
+def unpack(model_path: Path, out: Path) -> list[Path]:
+    """Each member of the ensemble ``model_path`` as a run folder ``out/m<i>/`` (model.onnx, model_card.json,
+    splits.csv) that ``build`` accepts. Weights that the ensemble stored as float16 stay at that precision."""
+    import onnx
+
+    from uplink_server.model import find_card
+
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise DataError(f"{model_path} not found")
+    card_path = find_card(model_path)
+    _, splits = _member_files(model_path)
+    records = load_spec(str(splits))
+    card = json.loads(card_path.read_text())
+    ensemble = restore_float32(onnx.load(str(model_path)))
+    n = ensemble_members(ensemble)
+    if n < 2 or len(card.get("members") or []) != n:
+        raise DataError(f"{model_path} is not an ensemble with its members listed in its card: nothing to unpack")
+    out = Path(out)
+    folders = []
+    for i in range(n):
+        folder = out / f"m{i}"
+        folder.mkdir(parents=True, exist_ok=True)
+        member = extract_member(ensemble, i)
+        onnx.checker.check_model(member)
+        onnx.save(member, str(folder / "model.onnx"))
+        write_manifest(records, folder / "splits.csv")  # its paths are relative to where it lies
+        # JSON only: the member has no metrics of its own for a readable page (its ensemble's card has them)
+        (folder / "model_card.json").write_text(json.dumps(_unpacked_card(card, i, model_path), indent=2))
+        folders.append(folder)
+    return folders
+
+
+def ensemble_members(model) -> int:
+    """How many networks an ONNX model (a path or a loaded ModelProto) averages: 1 unless it is an ensemble."""
+    import onnx
+
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    return int({p.key: p.value for p in model.metadata_props}.get("ensemble_members", 1))
+
+
+def extract_member(ensemble, i: int):
+    """Member ``i`` of a merged (float32) ensemble as the stand-alone model it was before ``merge``."""
+    from onnx import helper
+
+    prefix = MEMBER_PREFIX.format(i)
+    g = ensemble.graph
+    entry = next(n for n in g.node if n.name == prefix + "input")
+    n_members = ensemble_members(ensemble)
+
+    def strip(name: str) -> str:
+        return name[len(prefix):] if name.startswith(prefix) else name
+
+    nodes = []
+    for node in g.node:
+        if member_of(node.name) != f"m{i}" or node is entry:
+            continue
+        node = copy.deepcopy(node)
+        node.name = strip(node.name)
+        node.input[:] = [strip(x) for x in node.input]
+        node.output[:] = [strip(x) for x in node.output]
+        nodes.append(node)
+    inits = []
+    for init in g.initializer:
+        if init.name.startswith(prefix):
+            init = copy.deepcopy(init)
+            init.name = strip(init.name)
+            inits.append(init)
+    vinfo = []
+    for v in g.value_info:
+        if v.name.startswith(prefix):
+            v = copy.deepcopy(v)
+            v.name = strip(v.name)
+            vinfo.append(v)
+    graph_in = copy.deepcopy(g.input[0])
+    graph_in.name = strip(entry.output[0])
+    outputs = []
+    for o in g.output:
+        o = copy.deepcopy(o)
+        dim = o.type.tensor_type.shape.dim
+        if o.name == "embedding" and len(dim) > 1 and dim[1].HasField("dim_value"):
+            dim[1].dim_value //= n_members  # merge concatenated the members' embeddings
+        outputs.append(o)
+    graph = helper.make_graph(nodes, f"member {i}", [graph_in], outputs, inits, value_info=vinfo)
+    model = helper.make_model(graph, opset_imports=list(ensemble.opset_import), producer_name="cxr-screening unpack")
+    model.ir_version = ensemble.ir_version
+    return model
+
+
+def _unpacked_card(card: dict, i: int, source: Path) -> dict:
+    """A member's card rebuilt from what the ensemble's card kept of it: enough for ``build`` and for serving
+    alone (without a refusal gate until ``fit-gate`` fits one), not its own per-split metrics."""
+    summary = card["members"][i]
+    t = card.get("training", {})
+    histories = list((t.get("member_histories") or {}).values())
+    commands = t.get("member_commands") or []
+    member = {k: copy.deepcopy(card[k]) for k in ("classes", "preprocessing", "outputs", "uncertain_threshold",
+                                                  "intended_use", "known_limits", "data") if k in card}
+    member.update(
+        name=summary.get("name"), version=summary.get("version"), architecture=summary["architecture"],
+        format="onnx",
+        calibration={"temperature": summary.get("temperature") or 1.0},
+        ood={"file": None},
+        training={"command": commands[i] if i < len(commands) else summary.get("command"),
+                  "minutes": summary.get("minutes"), "best_epoch": summary.get("best_epoch"),
+                  "epochs_run": len(histories[i]) if i < len(histories) else None,
+                  "pretrained": t.get("pretrained"), "augmentation": t.get("augmentation"),
+                  "history": histories[i] if i < len(histories) else []},
+        unpacked_from={"model": str(source), "member": f"m{i}", "ensemble_version": card.get("version")},
+        export={"format": "onnx", "weights": "as stored in the ensemble (some tensors nearest the output float16)"},
+        date=card.get("date"),
+    )
+    return member
+
+
 def _member_files(model_path: Path) -> tuple[dict, Path]:
     """A member's card and its splits manifest (a run folder's or a shipped model's)."""
     from uplink_server.model import find_card
@@ -188,6 +305,12 @@ def build(members: list[Path], out: Path, command: str = "", progress: bool = Tr
     for m, c in zip(members[1:], cards[1:]):
         if c["classes"] != cards[0]["classes"] or c["preprocessing"] != cards[0]["preprocessing"]:
             raise DataError(f"{m} has other classes or preprocessing than {members[0]}: they cannot be averaged")
+    models = [onnx.load(str(m)) for m in members]
+    for m, model in zip(members, models):
+        if ensemble_members(model) > 1:
+            raise DataError(f"{m} is an ensemble already: averaging it with another model would weigh its members "
+                            f"half as much; take it apart with `python -m model_training unpack --model {m} --out DIR` "
+                            "and list its members instead")
     records = load_spec(str(infos[0][1]))
     for m, (_, splits) in zip(members[1:], infos[1:]):
         if _split_key(load_spec(str(splits))) != _split_key(records):
@@ -195,7 +318,7 @@ def build(members: list[Path], out: Path, command: str = "", progress: bool = Tr
                             "images would include training images of a member")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    merged = merge([onnx.load(str(m)) for m in members])
+    merged = merge(models)
     packed = store_float16(merged, WEIGHT_BUDGET_BYTES)
     onnx.save(packed, str(out / "model.onnx"))
     write_manifest(records, out / "splits.csv")

@@ -38,15 +38,6 @@ def calibration_images(max_images: int, members: int = 1) -> int:
     return max(1, max_images // max(1, members))
 
 
-def ensemble_members(model) -> int:
-    """How many networks an ONNX model (a path or a loaded ModelProto) averages: 1 unless it is an ensemble."""
-    import onnx
-
-    if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(str(model), load_external_data=False)
-    return int({p.key: p.value for p in model.metadata_props}.get("ensemble_members", 1))
-
-
 def check_float_head(float_head: int) -> None:
     if float_head < 0:
         raise ValueError(f"the number of float convolutions must be >= 0, not {float_head}")
@@ -88,7 +79,7 @@ def quantize_model(model_path: Path, out_path: Path, calib_paths: list[str], max
     from uplink_server.imaging import decode
     from uplink_server.model import Classifier
 
-    from .ensemble import FLOAT16_SUFFIX, restore_float32
+    from .ensemble import FLOAT16_SUFFIX, ensemble_members, restore_float32
 
     clf = Classifier(model_path)
     src = onnx.load(str(model_path))

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from .datasets import DataError, load_spec, write_manifest
+from .ensemble import ensemble_members
 from .evaluate import evaluate
 from .framing import FACTORS, framing_checks
 from .model_card import card_markdown
-from .quantize import FLOAT_HEAD_CONVS, ensemble_members, quantize_model
+from .quantize import FLOAT_HEAD_CONVS, quantize_model
 from .quantize import method as int8_method
 
 INT8_MAX_DROP_POINTS = 0.5

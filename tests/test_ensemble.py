@@ -94,7 +94,8 @@ def test_ensemble_serves_and_evaluates_like_one_model(ensemble_run, xray_paths, 
 def test_int8_ensemble_keeps_each_members_edges_float(ensemble_run, tmp_path):
     import onnx
 
-    from model_training.quantize import FLOAT_TAIL_CONVS, calibration_images, ensemble_members, method
+    from model_training.ensemble import ensemble_members
+    from model_training.quantize import FLOAT_TAIL_CONVS, calibration_images, method
 
     from .test_training import _int8_weights
 
@@ -140,3 +141,41 @@ def test_members_on_other_splits_or_classes_are_refused(tiny_run, second_run, tm
     assert main(["ensemble", "--models", str(tiny_run / "model.onnx"), str(tmp_path / "nope.onnx"),
                  "--out", str(tmp_path / "e4")]) == 2
     assert "nope.onnx not found" in capsys.readouterr().err
+
+
+def test_unpack_gives_back_each_member_to_pair_with_a_new_model(tiny_run, second_run, ensemble_run, xray_paths,
+                                                                 tmp_path, capsys):
+    from uplink_server.imaging import decode
+    from uplink_server.model import Classifier
+    from uplink_server.preprocessing import PreprocessSpec, preprocess
+
+    x = np.stack([preprocess(decode(p).gray, PreprocessSpec(size=(64, 64))) for p in xray_paths["covid"]])
+    assert main(["unpack", "--model", str(ensemble_run / "model.onnx"), "--out", str(tmp_path / "members")]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(tmp_path / "members" / m / "model.onnx") for m in ("m0", "m1")]
+    for member, original in zip(printed, (tiny_run, second_run)):
+        a, b = _outputs(Path(member), x), _outputs(original / "model.onnx", x)
+        assert a.keys() == b.keys() and a["embedding"].shape == b["embedding"].shape
+        for k in a:  # float16 storage of the tensors nearest the output is all that differs
+            np.testing.assert_allclose(a[k], b[k], atol=2e-3 * max(1.0, np.abs(b[k]).max()))
+        card = json.loads((Path(member).parent / "model_card.json").read_text())
+        original_card = json.loads((original / "model_card.json").read_text())
+        assert card["calibration"]["temperature"] == original_card["calibration"]["temperature"]
+        assert card["training"]["command"] == original_card["training"]["command"]
+        assert card["training"]["history"] == original_card["training"]["history"]
+    # a member serves alone (without a refusal gate until fit-gate gives it one)
+    pred = Classifier(printed[1]).predict(xray_paths["covid"][0])
+    assert pred.label in ("normal", "pneumonia", "covid19") and pred.heatmap is not None
+
+    # an ensemble is not a member: it would weigh its own members half; the error says what to do
+    assert main(["ensemble", "--models", str(ensemble_run / "model.onnx"), str(second_run / "model.onnx"),
+                 "--out", str(tmp_path / "nested")]) == 2
+    assert "unpack" in capsys.readouterr().err and not (tmp_path / "nested").exists()
+    # the unpacked members merge again, with the second run standing in for a newly trained model
+    assert main(["ensemble", "--models", printed[0], str(second_run / "model.onnx"), "--out", str(tmp_path / "again"),
+                 "--no-progress"]) == 0
+    np.testing.assert_allclose(_outputs(tmp_path / "again" / "model.onnx", x)["logits"],
+                               _outputs(ensemble_run / "model.onnx", x)["logits"], atol=2e-3)
+    # a single model has nothing to unpack
+    assert main(["unpack", "--model", str(tiny_run / "model.onnx"), "--out", str(tmp_path / "single")]) == 2
+    assert "not an ensemble" in capsys.readouterr().err
