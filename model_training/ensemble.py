@@ -213,18 +213,16 @@ def extract_member(ensemble, i: int):
         node.input[:] = [strip(x) for x in node.input]
         node.output[:] = [strip(x) for x in node.output]
         nodes.append(node)
-    inits = []
-    for init in g.initializer:
-        if init.name.startswith(prefix):
-            init = copy.deepcopy(init)
-            init.name = strip(init.name)
-            inits.append(init)
-    vinfo = []
-    for v in g.value_info:
-        if v.name.startswith(prefix):
-            v = copy.deepcopy(v)
-            v.name = strip(v.name)
-            vinfo.append(v)
+    def renamed(protos) -> list:  # the member's initializers or value infos, without the prefix
+        out = []
+        for p in protos:
+            if p.name.startswith(prefix):
+                p = copy.deepcopy(p)
+                p.name = strip(p.name)
+                out.append(p)
+        return out
+
+    inits, vinfo = renamed(g.initializer), renamed(g.value_info)
     graph_in = copy.deepcopy(g.input[0])
     graph_in.name = strip(entry.output[0])
     outputs = []
