@@ -155,15 +155,11 @@ def unpack(model_path: Path, out: Path) -> list[Path]:
     splits.csv) that ``build`` accepts. Weights that the ensemble stored as float16 stay at that precision."""
     import onnx
 
-    from uplink_server.model import find_card
-
     model_path = Path(model_path)
     if not model_path.is_file():
         raise DataError(f"{model_path} not found")
-    card_path = find_card(model_path)
-    _, splits = _member_files(model_path)
+    card, splits = _member_files(model_path)
     records = load_spec(str(splits))
-    card = json.loads(card_path.read_text())
     ensemble = restore_float32(onnx.load(str(model_path)))
     n = ensemble_members(ensemble)
     if n < 2 or len(card.get("members") or []) != n:
@@ -213,6 +209,7 @@ def extract_member(ensemble, i: int):
         node.input[:] = [strip(x) for x in node.input]
         node.output[:] = [strip(x) for x in node.output]
         nodes.append(node)
+
     def renamed(protos) -> list:  # the member's initializers or value infos, without the prefix
         out = []
         for p in protos:
@@ -244,7 +241,6 @@ def _unpacked_card(card: dict, i: int, source: Path) -> dict:
     summary = card["members"][i]
     t = card.get("training", {})
     histories = list((t.get("member_histories") or {}).values())
-    commands = t.get("member_commands") or []
     member = {k: copy.deepcopy(card[k]) for k in ("classes", "preprocessing", "outputs", "uncertain_threshold",
                                                   "intended_use", "known_limits", "data") if k in card}
     member.update(
@@ -252,7 +248,7 @@ def _unpacked_card(card: dict, i: int, source: Path) -> dict:
         format="onnx",
         calibration={"temperature": summary.get("temperature") or 1.0},
         ood={"file": None},
-        training={"command": commands[i] if i < len(commands) else summary.get("command"),
+        training={"command": summary.get("command"),
                   "minutes": summary.get("minutes"), "best_epoch": summary.get("best_epoch"),
                   "epochs_run": len(histories[i]) if i < len(histories) else None,
                   "pretrained": t.get("pretrained"), "augmentation": t.get("augmentation"),
