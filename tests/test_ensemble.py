@@ -179,3 +179,5 @@ def test_unpack_gives_back_each_member_to_pair_with_a_new_model(tiny_run, second
     # a single model has nothing to unpack
     assert main(["unpack", "--model", str(tiny_run / "model.onnx"), "--out", str(tmp_path / "single")]) == 2
     assert "not an ensemble" in capsys.readouterr().err
+    assert main(["unpack", "--model", str(tmp_path / "nope.onnx"), "--out", str(tmp_path / "none")]) == 2
+    assert "nope.onnx not found" in capsys.readouterr().err and not (tmp_path / "none").exists()
