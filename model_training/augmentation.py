@@ -64,6 +64,20 @@ def parse_augment(spec: str) -> AugmentConfig:
     return AugmentConfig(**kwargs)
 
 
+def warp(x: np.ndarray, angle: float = 0.0, shear: float = 0.0, zoom: float = 1.0, tx: float = 0.0,
+         ty: float = 0.0) -> np.ndarray:
+    """Rotate/shear (radians), zoom (< 1 zooms out, black fill) and shift (pixels) about the centre."""
+    h, w = x.shape
+    # inverse map (output -> input) about the image centre, as PIL expects
+    cos, sin = math.cos(angle), math.sin(angle)
+    a, b = cos / zoom, (sin + math.tan(shear) * cos) / zoom
+    d, e = -sin / zoom, (cos - math.tan(shear) * sin) / zoom
+    cx, cy = w / 2, h / 2
+    coeffs = (a, b, cx - a * cx - b * cy - tx, d, e, cy - d * cx - e * cy - ty)
+    img = Image.fromarray(x.astype(np.float32), mode="F")
+    return np.asarray(img.transform((w, h), Image.AFFINE, coeffs, resample=Image.BILINEAR, fill=0), dtype=np.float32)
+
+
 class Augmenter:
     """Callable passed to ``preprocess(..., augment=...)``; seeded per worker."""
 
@@ -80,14 +94,7 @@ class Augmenter:
             zoom = rng.uniform(1 - c.zoom, 1 + max(c.zoom, c.zoom_in))
             tx = rng.uniform(-c.shift, c.shift) * w
             ty = rng.uniform(-c.shift, c.shift) * h
-            # inverse map (output -> input) about the image centre, as PIL expects
-            cos, sin = math.cos(angle), math.sin(angle)
-            a, b = cos / zoom, (sin + math.tan(shear) * cos) / zoom
-            d, e = -sin / zoom, (cos - math.tan(shear) * sin) / zoom
-            cx, cy = w / 2, h / 2
-            coeffs = (a, b, cx - a * cx - b * cy - tx, d, e, cy - d * cx - e * cy - ty)
-            img = Image.fromarray(x.astype(np.float32), mode="F")
-            x = np.asarray(img.transform((w, h), Image.AFFINE, coeffs, resample=Image.BILINEAR, fill=0), dtype=np.float32)
+            x = warp(x, angle, shear, zoom, tx, ty)
         if c.hflip and rng.random() < 0.5:
             x = x[:, ::-1]
         if c.gamma:

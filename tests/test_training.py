@@ -499,3 +499,17 @@ def test_release_ships_model_cards_and_reproducible_numbers(tiny_run, tmp_path, 
     assert zoomed["data"]["zoom"] == 1.4 and zoomed["confusion_matrix"][0][0] == fr["1.4"]["n"] - fr["1.4"]["count"]
     assert main(["evaluate", "--model", str(out / "tiny.onnx"), "--data", "public", "--zoom", "0.5", "--no-progress"]) == 2
     assert "only tighter framing" in capsys.readouterr().err
+
+
+def test_warp_zooms_out_about_the_centre_with_black_fill(one_xray):
+    """The augmenter's affine warp, also the zoomed-out view of benchmarks/tta_zoom_out.py."""
+    from model_training.augmentation import warp
+    from uplink_server.imaging import decode
+    from uplink_server.preprocessing import resize_gray
+
+    x = resize_gray(decode(one_xray).gray, (96, 96))
+    assert np.allclose(warp(x), x, atol=1e-4)  # no arguments: the image itself
+    out = warp(x, zoom=0.5)
+    assert out[:20].max() == 0 and out[-20:].max() == 0 and out[:, :20].max() == 0  # a black frame
+    # the middle holds the whole image at half size
+    assert np.corrcoef(out[24:72, 24:72].ravel(), resize_gray(x, (48, 48)).ravel())[0, 1] > 0.95
