@@ -20,9 +20,11 @@ from .non_chest import non_chest_images
 
 def held_out_xrays(model_path: Path, every: int = 1) -> list[str]:
     """Real X-rays that the model and its gate never saw: its test split."""
-    from model_training.datasets import load_spec
+    from model_training.datasets import DataError, load_spec, splits_beside
 
-    splits = Path(model_path).with_name(Path(model_path).name.replace(".onnx", ".splits.csv"))
+    splits = splits_beside(model_path)
+    if splits is None:
+        raise DataError(f"{model_path} has no splits manifest beside it: its held-out X-rays are unknown")
     return [r.path for r in load_spec(str(splits)) if r.split == "test"][::every]
 
 

@@ -19,7 +19,7 @@ from sklearn.metrics import roc_auc_score
 
 from model_training.augmentation import warp
 from model_training.calibration import calibrated_probs, fit_temperature, nll
-from model_training.datasets import load_spec
+from model_training.datasets import load_spec, splits_beside
 from model_training.framing import FACTORS, tighter
 from uplink_server.imaging import decode
 from uplink_server.model import Classifier, default_model_path
@@ -49,7 +49,9 @@ def main() -> None:
     ap.add_argument("--zooms", type=float, nargs="+", default=[0.88, 0.94])
     args = ap.parse_args()
     clf, zooms = Classifier(args.model), tuple(args.zooms)
-    split_csv = Path(args.model).with_name(Path(args.model).name.replace(".onnx", ".splits.csv"))
+    split_csv = splits_beside(Path(args.model))
+    if split_csv is None:
+        raise SystemExit(f"{args.model} has no splits manifest beside it: its validation and test images are unknown")
     run = load_spec(str(split_csv))
     val = [r for r in run if r.split == "val"]
     framed = {f: view_logits(clf, val, zooms, f) for f in (1.0, *FACTORS)}

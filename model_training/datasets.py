@@ -196,3 +196,12 @@ def write_manifest(records: list[Record], path: Path) -> None:
             row = r.to_row()
             row["path"] = os.path.relpath(r.path, base)
             w.writerow(row)
+
+
+def splits_beside(model_path: Path) -> Path | None:
+    """The patient-level splits manifest saved with a model: ``<name>.splits.csv`` beside a shipped model,
+    or ``splits.csv`` in its run folder; None when neither is there."""
+    model_path = Path(model_path)
+    stem = model_path.name.rsplit(".", 1)[0]
+    return next((p for p in (model_path.with_name(stem + ".splits.csv"), model_path.parent / "splits.csv")
+                 if p.is_file()), None)

@@ -24,7 +24,7 @@ import numpy as np
 
 from . import plots
 from .calibration import calibrated_probs
-from .datasets import DataError, load_spec, write_manifest
+from .datasets import DataError, load_spec, splits_beside, write_manifest
 from .metrics import calibrate_and_report
 from .model_card import KNN_GATE_METHOD, library_versions, write_card
 
@@ -268,10 +268,9 @@ def _member_files(model_path: Path) -> tuple[dict, Path]:
     if not model_path.is_file():
         raise DataError(f"ensemble member {model_path} not found")
     card_path = find_card(model_path)
-    stem = model_path.name.rsplit(".", 1)[0]
-    splits = next((p for p in (model_path.with_name(stem + ".splits.csv"), model_path.parent / "splits.csv")
-                   if p.is_file()), None)
+    splits = splits_beside(model_path)
     if card_path is None or splits is None:
+        stem = model_path.name.rsplit(".", 1)[0]
         raise DataError(f"ensemble member {model_path} needs its card and splits manifest beside it "
                         f"({stem}.card.json + {stem}.splits.csv, or a run folder's model_card.json + splits.csv)")
     return json.loads(card_path.read_text()), splits

@@ -181,3 +181,27 @@ def test_unpack_gives_back_each_member_to_pair_with_a_new_model(tiny_run, second
     assert "not an ensemble" in capsys.readouterr().err
     assert main(["unpack", "--model", str(tmp_path / "nope.onnx"), "--out", str(tmp_path / "none")]) == 2
     assert "nope.onnx not found" in capsys.readouterr().err and not (tmp_path / "none").exists()
+
+
+def test_a_model_without_its_splits_manifest_is_refused_by_name(tiny_run, second_run, tmp_path, capsys):
+    """The manifest is found beside a run's model.onnx or a shipped <name>.onnx; without it, a clear error."""
+    from benchmarks.bench_ood import held_out_xrays
+    from model_training.datasets import DataError, load_spec, splits_beside, write_manifest
+
+    assert splits_beside(tiny_run / "model.onnx") == tiny_run / "splits.csv"
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    shutil.copy(tiny_run / "model.onnx", shipped / "tiny.onnx")
+    shutil.copy(tiny_run / "model_card.json", shipped / "tiny.card.json")
+    assert splits_beside(shipped / "tiny.onnx") is None
+    with pytest.raises(DataError, match="no splits manifest beside it"):
+        held_out_xrays(shipped / "tiny.onnx")
+    assert main(["ensemble", "--models", str(shipped / "tiny.onnx"), str(second_run / "model.onnx"),
+                 "--out", str(tmp_path / "e")]) == 2
+    assert "needs its card and splits manifest beside it" in capsys.readouterr().err
+    records = load_spec(str(tiny_run / "splits.csv"))
+    write_manifest(records, shipped / "tiny.splits.csv")  # as release writes it: paths relative to the csv
+    assert splits_beside(shipped / "tiny.onnx") == shipped / "tiny.splits.csv"
+    test_paths = held_out_xrays(shipped / "tiny.onnx")
+    assert test_paths and [Path(p).resolve() for p in test_paths] == [Path(r.path).resolve() for r in records
+                                                                      if r.split == "test"]
