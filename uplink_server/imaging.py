@@ -34,6 +34,10 @@ class DecodedImage:
     format: str
     colorfulness: float = 0.0  # mean chroma in [0, 1]; X-rays saved as RGB have ~0
     meta: dict = field(default_factory=dict)
+    # what was decoded, for de-identified storage: the Pillow image (EXIF
+    # rotation applied) or the pydicom Dataset
+    pil: Image.Image | None = field(default=None, repr=False)
+    dataset: object = field(default=None, repr=False)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -79,22 +83,32 @@ def _pil_to_gray(img: Image.Image) -> tuple[np.ndarray, float]:
     return gray.astype(np.float32), float(chroma.mean())
 
 
+# What the decoders' own answers may be (Pillow's ``Image.format``, or DICOM);
+# MPO is how Pillow names the multi-picture JPEGs some phone cameras write.
+ACCEPTED_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP", "DICOM"}
+
+
 def decode(source: str | Path | bytes) -> DecodedImage:
-    """Decode JPEG/PNG/BMP/TIFF/WebP/DICOM bytes or a path into a gray image."""
+    """Decode JPEG/PNG/BMP/TIFF/WebP/DICOM bytes or a path into a gray image.
+
+    The type comes from the content (pydicom's and Pillow's own reading), never
+    from a file name.
+    """
     data = read_bytes(source)
     if not data:
         raise Refusal("empty_file")
     if len(data) > MAX_BYTES:
         raise Refusal("file_too_large")
-    if dicom.is_dicom(data):
-        gray, meta = dicom.read_dicom(data)
-        _check_size(gray.shape[1], gray.shape[0])
-        return DecodedImage(gray=gray, format="DICOM", meta=meta)
+    ds = dicom.parse(data) if dicom.has_part10_header(data) else None
+    if ds is not None:
+        return _from_dicom(ds)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             fmt = img.format or "unknown"
+            if fmt not in ACCEPTED_FORMATS:
+                raise Refusal("unsupported_format", f"The file is a {fmt} image; upload JPEG, PNG, BMP, TIFF, WebP or DICOM.")
             _check_size(*img.size)
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)
@@ -105,21 +119,20 @@ def decode(source: str | Path | bytes) -> DecodedImage:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise Refusal("too_many_pixels") from exc
     except UnidentifiedImageError as exc:
-        # pydicom can read DICOM without the 128-byte preamble
-        if _looks_like_raw_dicom(data):
-            gray, meta = dicom.read_dicom(data)
-            _check_size(gray.shape[1], gray.shape[0])
-            return DecodedImage(gray=gray, format="DICOM", meta=meta)
+        ds = dicom.parse(data)  # pydicom reads DICOM without the 128-byte preamble
+        if ds is not None:
+            return _from_dicom(ds)
         raise Refusal("not_an_image") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise Refusal("corrupt_image", f"The image file is truncated or corrupt: {exc}") from exc
     gray, colorfulness = _pil_to_gray(img)
-    return DecodedImage(gray=gray, format=fmt, colorfulness=colorfulness)
+    return DecodedImage(gray=gray, format=fmt, colorfulness=colorfulness, pil=img)
 
 
-def _looks_like_raw_dicom(data: bytes) -> bool:
-    # Group 0x0002 or 0x0008 little-endian tag at offset 0 is how preamble-less files start.
-    return data[:2] in (b"\x02\x00", b"\x08\x00")
+def _from_dicom(ds) -> DecodedImage:
+    gray, meta = dicom.read_dicom(ds=ds)
+    _check_size(gray.shape[1], gray.shape[0])
+    return DecodedImage(gray=gray, format="DICOM", colorfulness=meta.pop("colorfulness", 0.0), meta=meta, dataset=ds)
 
 
 def _check_size(width: int, height: int) -> None:

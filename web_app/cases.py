@@ -14,18 +14,15 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from uplink_server import dicom
+from uplink_server import deidentify
 from uplink_server.errors import Refusal
-from uplink_server.imaging import decode
+from uplink_server.imaging import DecodedImage, decode
 
 from .config import Settings
 from .db import AuditLog, Case, User
 from .inference import ModelRouter, ModelUnavailable
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom", ""}
-
 
 class UploadError(ValueError):
     def __init__(self, code: str, message: str, status: int = 400):
@@ -35,8 +32,12 @@ class UploadError(ValueError):
 
 @dataclass
 class Upload:
-    filename: str
+    filename: str  # as sent: a hint for messages only, never stored (it is often the patient's name)
     data: bytes
+
+
+# HTTP status of a refusal made before any model ran
+REFUSAL_STATUS = {"file_too_large": 413, "too_many_pixels": 413, "not_an_image": 415, "unsupported_format": 415}
 
 
 async def read_upload(f, settings: Settings) -> Upload:
@@ -49,73 +50,74 @@ async def read_upload(f, settings: Settings) -> Upload:
 
 
 def expand_uploads(uploads: list[Upload], settings: Settings) -> list[Upload]:
-    """Unpack ZIP archives (bounded) and reject obviously wrong file types."""
+    """Unpack ZIP archives (bounded). Whether a file is a ZIP, an image or
+    neither is decided by its content; the name is only a hint."""
     out: list[Upload] = []
     limit = settings.max_upload_mb * 1024 * 1024
     for up in uploads:
-        ext = Path(up.filename).suffix.lower()
-        if ext == ".zip" or (up.data[:4] == b"PK\x03\x04" and ext not in IMAGE_EXTENSIONS - {""}):
-            try:
-                with zipfile.ZipFile(io.BytesIO(up.data)) as zf:
-                    members = [m for m in zf.infolist() if not m.is_dir() and not m.filename.startswith("__MACOSX")
-                               and not Path(m.filename).name.startswith(".")]
-                    if len(members) > settings.max_zip_files:
-                        raise UploadError("zip_error", f"the ZIP holds {len(members)} files; the limit is {settings.max_zip_files}", 413)
-                    for m in members:
-                        if m.file_size > limit:
-                            raise UploadError("file_too_large", f"{m.filename} is too large", 413)
-                        out.append(Upload(Path(m.filename).name, zf.read(m)))
-            except zipfile.BadZipFile as exc:
-                raise UploadError("zip_error", f"{up.filename}: not a readable ZIP file ({exc})", 400) from exc
+        if up.data[:4] != b"PK\x03\x04" and Path(up.filename).suffix.lower() != ".zip":
+            out.append(up)  # decoded (or refused) by content when its case is made
             continue
-        if ext not in IMAGE_EXTENSIONS:
-            raise UploadError("unsupported_type", f"{up.filename}: unsupported file type {ext}", 415)
-        out.append(up)
+        try:
+            with zipfile.ZipFile(io.BytesIO(up.data)) as zf:
+                names = set(zf.namelist())
+                if "[Content_Types].xml" in names or "mimetype" in names:
+                    raise UploadError("unsupported_type", f"{up.filename}: an office document, not an image or a ZIP of images", 415)
+                members = [m for m in zf.infolist() if not m.is_dir() and not m.filename.startswith("__MACOSX")
+                           and not Path(m.filename).name.startswith(".")]
+                if len(members) > settings.max_zip_files:
+                    raise UploadError("zip_error", f"the ZIP holds {len(members)} files; the limit is {settings.max_zip_files}", 413)
+                for m in members:
+                    if m.file_size > limit:
+                        raise UploadError("file_too_large", f"{m.filename} is too large", 413)
+                    out.append(Upload(Path(m.filename).name, zf.read(m)))
+        except zipfile.BadZipFile as exc:
+            raise UploadError("zip_error", f"{up.filename}: not a readable ZIP file ({exc})", 400) from exc
     if not out:
         raise UploadError("no_file", "no file was uploaded", 400)
     return out
 
 
-def _preview_png(data: bytes, path: Path) -> bool:
-    try:
-        img = decode(data)
-    except Refusal:
-        return False
-    gray = (img.gray * 255).clip(0, 255).astype("uint8")
-    pil = Image.fromarray(gray)
+def _save_preview(image: DecodedImage, path: Path) -> None:
+    """What the user uploaded, as it came: in colour when it is a colour picture."""
+    if image.pil is not None and image.colorfulness > 0.02:
+        pil = image.pil.convert("RGB")
+    else:
+        pil = Image.fromarray((image.gray * 255).clip(0, 255).astype("uint8"))
     pil.thumbnail((1024, 1024))
     pil.save(path, format="PNG")
-    return True
 
 
 def create_case(db: Session, settings: Settings, user: User, upload: Upload, patient_code: str) -> Case:
-    """Store the upload (DICOM de-identified first) and a pending case."""
+    """Store the upload de-identified (or nothing of it) and a pending case.
+
+    The type is read from the content; DICOM goes through the PS3.15 profile,
+    other images are kept as a metadata-free PNG of their pixels. What cannot be
+    decoded or de-identified is refused and not written anywhere; the original
+    file name is not kept (the case id names the stored file).
+    """
     patient_code = (patient_code or "").strip()[:64]
-    case = Case(patient_code=patient_code, created_by=user.id, filename=upload.filename[:255], status="pending", uncertain=False)
-    data = upload.data
-    if len(data) > settings.max_upload_mb * 1024 * 1024:
-        case.status, case.refusal_code = "refused", "file_too_large"
-        case.refusal_message = Refusal("file_too_large").message
-        db.add(case)
+    case = Case(patient_code=patient_code, created_by=user.id, filename="", status="pending", uncertain=False)
+    db.add(case)
+    db.flush()  # the id names the stored file
+    try:
+        if len(upload.data) > settings.max_upload_mb * 1024 * 1024:
+            raise Refusal("file_too_large")
+        image = decode(upload.data)
+        stored = deidentify.for_storage(image, patient_code, settings.deid_key)
+    except Refusal as r:
+        case.filename = f"case-{case.id}"
+        case.status, case.refusal_code, case.refusal_message = "refused", r.code, r.message
+        db.add(AuditLog(user_id=user.id, action="upload", case_id=case.id,
+                        detail={"refused": r.code, "bytes": len(upload.data)}))
         db.commit()
         return case
-    if dicom.is_dicom(data):
-        try:
-            data = dicom.deidentify(data, patient_code or "ANONYMOUS")
-        except Exception as exc:  # unreadable DICOM: keep nothing identifying, refuse
-            case.status, case.refusal_code = "refused", "corrupt_image"
-            case.refusal_message = f"Unreadable DICOM file: {exc}"
-            db.add(case)
-            db.commit()
-            return case
-    stem = uuid.uuid4().hex
-    ext = ".dcm" if dicom.is_dicom(data) else (Path(upload.filename).suffix.lower() or ".bin")
-    (settings.upload_dir / f"{stem}{ext}").write_bytes(data)
-    case.image_path = f"{stem}{ext}"
-    _preview_png(data, settings.upload_dir / f"{stem}.preview.png")
-    db.add(case)
-    db.commit()
-    db.add(AuditLog(user_id=user.id, action="upload", case_id=case.id, detail={"filename": case.filename}))
+    stem = f"{case.id}-{uuid.uuid4().hex[:12]}"
+    (settings.upload_dir / f"{stem}{stored.ext}").write_bytes(stored.data)
+    _save_preview(image, settings.upload_dir / f"{stem}.preview.png")
+    case.image_path, case.filename = f"{stem}{stored.ext}", f"case-{case.id}{stored.ext}"
+    db.add(AuditLog(user_id=user.id, action="upload", case_id=case.id,
+                    detail={"format": stored.format, "bytes": len(upload.data)}))
     db.commit()
     return case
 
@@ -200,3 +202,30 @@ def export_csv(cases) -> str:
         d["risk"] = "" if c.risk is None else f"{c.risk:.4f}"
         w.writerow(d)
     return buf.getvalue()
+
+
+def scrub_stored(db: Session, settings: Settings) -> dict:
+    """De-identify again every upload stored by an older version (which kept
+    DICOM attributes outside a short list, image metadata and file names).
+    What can no longer be de-identified is deleted and its case marked refused."""
+    counts = {"rewritten": 0, "deleted": 0}
+    for case in db.scalars(select(Case).where(Case.image_path != "")).all():
+        path = settings.upload_dir / case.image_path
+        if not path.is_file():
+            continue
+        try:
+            stored = deidentify.for_storage(decode(path.read_bytes()), case.patient_code, settings.deid_key)
+        except Refusal as r:
+            path.unlink()
+            case.image_path, case.status, case.refusal_code, case.refusal_message = "", "refused", r.code, r.message
+            case.filename = f"case-{case.id}"
+            counts["deleted"] += 1
+            continue
+        new = path.with_suffix(stored.ext)
+        new.write_bytes(stored.data)
+        if new != path:
+            path.unlink()
+        case.image_path, case.filename = new.name, f"case-{case.id}{stored.ext}"
+        counts["rewritten"] += 1
+    db.commit()
+    return counts

@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--name", default="")
     u.add_argument("--password", default=None, help="(prompted if omitted)")
     u.add_argument("--data-dir", default=None)
+    sc = sub.add_parser("scrub", help="de-identify again every upload stored by an older version")
+    sc.add_argument("--data-dir", default=None)
     args = ap.parse_args(argv)
 
     from .config import Settings
@@ -49,6 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     from .security import hash_password
 
     migrate(settings.database_url)
+    if args.cmd == "scrub":
+        from .cases import scrub_stored
+
+        with session_factory(make_engine(settings.database_url))() as db:
+            counts = scrub_stored(db, settings)
+        print(f"{counts['rewritten']} stored uploads de-identified again, {counts['deleted']} deleted (could not be de-identified)")
+        return 0
     password = args.password or getpass.getpass("password: ")
     if len(password) < 8:
         print("error: the password needs at least 8 characters", file=sys.stderr)

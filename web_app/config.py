@@ -15,6 +15,7 @@ class Settings:
     database_url: str
     secret_key: str
     uplink_key: str
+    deid_key: str = ""  # keys the UID replacement of de-identification (consistent per site)
     admin_email: str = "admin@localhost"
     admin_password: str | None = None
     local_model: bool = True
@@ -36,7 +37,7 @@ class Settings:
         secrets_file = data / "secrets.json"
         stored = json.loads(secrets_file.read_text()) if secrets_file.exists() else {}
         changed = False
-        for key in ("secret_key", "uplink_key"):
+        for key in ("secret_key", "uplink_key", "deid_key"):
             if key not in stored:
                 stored[key] = secrets.token_urlsafe(32)
                 changed = True
@@ -48,6 +49,7 @@ class Settings:
             database_url=os.environ.get("CXR_DATABASE_URL") or f"sqlite:///{data / 'app.db'}",
             secret_key=os.environ.get("CXR_SECRET_KEY") or stored["secret_key"],
             uplink_key=os.environ.get("CXR_UPLINK_KEY") or stored["uplink_key"],
+            deid_key=stored["deid_key"],
             admin_email=os.environ.get("CXR_ADMIN_EMAIL", "admin@localhost"),
             admin_password=os.environ.get("CXR_ADMIN_PASSWORD") or None,
             local_model=os.environ.get("CXR_LOCAL_MODEL", "1") not in ("0", "false", "no"),

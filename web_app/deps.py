@@ -6,6 +6,7 @@ from fastapi import Depends, HTTPException, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from . import audit
 from .db import ApiToken, User, utcnow
 from .i18n import LANGUAGES, negotiate, translate
 from .security import can, hash_token, new_csrf_token, same
@@ -45,11 +46,17 @@ def api_user(request: Request, db: Session = Depends(get_db)) -> User:
     auth = request.headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
         tok = db.scalar(select(ApiToken).where(ApiToken.token_hash == hash_token(auth[7:].strip())))
-        if tok is not None and tok.user.active:
+        state = "unknown" if tok is None else ("inactive_user" if not tok.user.active else tok.state())
+        if state == "active":
             tok.last_used = utcnow()
             db.commit()
             return tok.user
-        raise HTTPException(401, "invalid API token", headers={"WWW-Authenticate": "Bearer"})
+        audit.record(db, "token_rejected", tok.user if tok else None, request, reason=state,
+                     **({"token": tok.name, "token_id": tok.id} if tok else {}))
+        message = {"expired": f"API token expired on {tok.expires_at:%Y-%m-%d}" if tok and tok.expires_at else "",
+                   "revoked": "API token was revoked", "inactive_user": "the token's user is deactivated"}.get(state, "invalid API token")
+        raise HTTPException(401, f"{message}; create a new one on the API tokens page" if tok else message,
+                            headers={"WWW-Authenticate": "Bearer"})
     # a signed-in browser may call the API too, with the CSRF header for writes
     uid = request.session.get("user_id")
     user = db.get(User, uid) if uid else None

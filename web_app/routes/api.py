@@ -18,7 +18,9 @@ from sqlalchemy.orm import Session
 
 from uplink_server import NOTICE
 
+from .. import audit
 from ..cases import (
+    REFUSAL_STATUS,
     UploadError,
     case_dict,
     classify_case,
@@ -31,7 +33,7 @@ from ..db import User
 from ..deps import api_user, get_db, lang_of
 from ..i18n import refusal_text
 from ..security import can
-from .pages import _filtered, _get_case
+from .pages import _audit_query, _filtered, _get_case
 
 router = APIRouter(tags=["api"])
 
@@ -87,7 +89,7 @@ async def predict(request: Request, file: UploadFile = File(...), patient_code: 
     body = {**case_dict(case), "case_id": case.id, "notice": NOTICE}
     if case.status == "refused":
         body["refusal"]["message"] = refusal_text(case.refusal_code, lang_of(request), case.refusal_message)
-        return JSONResponse(body, status_code=413 if case.refusal_code == "file_too_large" else 422)
+        return JSONResponse(body, status_code=REFUSAL_STATUS.get(case.refusal_code, 422))
     if case.status == "pending":
         body["detail"] = "model unavailable: the image is saved as a pending case; retry later"
         return JSONResponse(body, status_code=503)
@@ -101,8 +103,10 @@ def list_cases(request: Request, q: str = "", date_from: str = "", date_to: str 
 
 
 @router.get("/cases/{case_id}", response_model=CaseOut)
-def get_case(case_id: int, user: User = Depends(api_user), db: Session = Depends(get_db)):
-    return case_dict(_get_case(db, user, case_id))
+def get_case(case_id: int, request: Request, user: User = Depends(api_user), db: Session = Depends(get_db)):
+    case = _get_case(db, user, case_id)
+    audit.record(db, "case_view", user, request, case_id=case.id, page="api")
+    return case_dict(case)
 
 
 @router.post("/cases/{case_id}/retry", response_model=CaseOut)
@@ -112,10 +116,24 @@ async def retry_case(case_id: int, request: Request, user: User = Depends(api_us
 
 
 @router.get("/export.csv")
-def export(q: str = "", date_from: str = "", date_to: str = "", user: User = Depends(api_user), db: Session = Depends(get_db)):
+def export(request: Request, q: str = "", date_from: str = "", date_to: str = "", user: User = Depends(api_user),
+           db: Session = Depends(get_db)):
     if not can(user.role, "export"):
         raise HTTPException(403, "not allowed to export")
-    return Response(export_csv(db.scalars(_filtered(db, user, q, date_from, date_to)).all()), media_type="text/csv")
+    cases = db.scalars(_filtered(db, user, q, date_from, date_to)).all()
+    audit.record(db, "export", user, request, cases=len(cases), q=q, date_from=date_from, date_to=date_to, via="api")
+    return Response(export_csv(cases), media_type="text/csv")
+
+
+@router.get("/audit.csv")
+def audit_export(request: Request, action: str = "", email: str = "", date_from: str = "", date_to: str = "",
+                 user: User = Depends(api_user), db: Session = Depends(get_db)):
+    """The audit log as CSV (admins only), with the same filters as the Admin page."""
+    if not can(user.role, "admin"):
+        raise HTTPException(403, "only admins read the audit log")
+    entries = db.scalars(_audit_query(action, email, date_from, date_to)).all()
+    audit.record(db, "audit_export", user, request, entries=len(entries), filter_action=action, filter_email=email, via="api")
+    return Response(audit.audit_csv(entries), media_type="text/csv")
 
 
 @router.get("/status")

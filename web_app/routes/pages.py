@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from uplink_server import NOTICE
 
+from .. import audit, throttle
 from ..cases import (
     UploadError,
     classify_case,
@@ -29,12 +30,15 @@ from ..cases import (
     read_upload,
     visible_cases,
 )
-from ..db import ROLES, ApiToken, AuditLog, Case, User
+from ..db import ROLES, ApiToken, AuditLog, Case, User, utcnow
 from ..deps import check_csrf, csrf_token, get_db, lang_of, page_user
 from ..i18n import LANGUAGES, refusal_text, translate
 from ..security import can, hash_password, new_api_token, verify_password
 
 router = APIRouter(include_in_schema=False)
+
+TOKEN_LIFETIMES_DAYS = (7, 30, 90, 365)
+DEFAULT_TOKEN_DAYS = 90
 
 
 def render(request: Request, name: str, user: User | None = None, status: int = 200, **ctx) -> HTMLResponse:
@@ -63,21 +67,37 @@ def login_form(request: Request, next: str = "/"):
 def login(request: Request, email: str = Form(...), password: str = Form(...), next: str = Form("/"),
           csrf_token_: str = Form("", alias="csrf_token"), db: Session = Depends(get_db)):
     check_csrf(request, csrf_token_)
-    user = db.scalar(select(User).where(User.email == email.strip().lower()))
+    lang_ = lang_of(request)
+    email = email.strip().lower()
+    address = audit.client_address(request)
+    user = db.scalar(select(User).where(User.email == email))
+    wait = throttle.wait_seconds(db, email, address)
+    if wait:
+        audit.record(db, "login_throttled", user, request, wait_s=wait)
+        resp = render(request, "login.html", next=next, error=translate("too_many_logins", lang_).format(seconds=wait), status=429)
+        resp.headers["Retry-After"] = str(wait)
+        return resp
     if user is None or not user.active or not verify_password(password, user.password_hash):
-        return render(request, "login.html", next=next, error=translate("bad_login", lang_of(request)), status=401)
+        wait = throttle.record_failure(db, email, address)
+        # the typed name is kept only when it is an account: people type passwords into the wrong field
+        audit.record(db, "login_failed", user, request, **({} if user else {"account": "unknown"}))
+        error = translate("bad_login", lang_) + (" " + translate("login_wait", lang_).format(seconds=wait) if wait else "")
+        return render(request, "login.html", next=next, error=error, status=401)
+    throttle.record_success(db, email)
     lang = request.session.get("lang")
     request.session.clear()  # new session on sign-in (no fixation)
     request.session.update({"user_id": user.id, "csrf": None, **({"lang": lang} if lang else {})})
     csrf_token(request)
-    db.add(AuditLog(user_id=user.id, action="login"))
-    db.commit()
+    audit.record(db, "login", user, request)
     return RedirectResponse(next if next.startswith("/") and not next.startswith("//") else "/", status_code=303)
 
 
 @router.post("/logout")
-def logout(request: Request, csrf_token_: str = Form("", alias="csrf_token")):
+def logout(request: Request, csrf_token_: str = Form("", alias="csrf_token"), db: Session = Depends(get_db)):
     check_csrf(request, csrf_token_)
+    uid = request.session.get("user_id")
+    if uid and (u := db.get(User, uid)) is not None:
+        audit.record(db, "logout", u, request)
     lang = request.session.get("lang")
     request.session.clear()
     if lang:
@@ -129,7 +149,9 @@ def batch(request: Request, ids: str = "", user: User = Depends(page_user), db: 
 
 @router.get("/cases/{case_id}")
 def case_page(case_id: int, request: Request, user: User = Depends(page_user), db: Session = Depends(get_db)):
-    return render(request, "case.html", user, case=_get_case(db, user, case_id))
+    case = _get_case(db, user, case_id)
+    audit.record(db, "case_view", user, request, case_id=case.id, page="case")
+    return render(request, "case.html", user, case=case)
 
 
 @router.post("/cases/{case_id}/retry")
@@ -143,7 +165,9 @@ async def retry(case_id: int, request: Request, csrf_token_: str = Form("", alia
 
 @router.get("/cases/{case_id}/report")
 def report(case_id: int, request: Request, user: User = Depends(page_user), db: Session = Depends(get_db)):
-    return render(request, "report.html", user, case=_get_case(db, user, case_id), now=dt.datetime.utcnow())
+    case = _get_case(db, user, case_id)
+    audit.record(db, "case_view", user, request, case_id=case.id, page="report")
+    return render(request, "report.html", user, case=case, now=dt.datetime.utcnow())
 
 
 @router.get("/cases/{case_id}/image.png")
@@ -199,25 +223,48 @@ def export(request: Request, q: str = "", date_from: str = "", date_to: str = ""
     if not can(user.role, "export"):
         raise HTTPException(403)
     cases = db.scalars(_filtered(db, user, q, date_from, date_to)).all()
+    audit.record(db, "export", user, request, cases=len(cases), q=q, date_from=date_from, date_to=date_to)
     return Response(export_csv(cases), media_type="text/csv",
                     headers={"Content-Disposition": 'attachment; filename="cases.csv"'})
 
 
+def _my_tokens(db: Session, user: User):
+    return db.scalars(select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.created_at.desc())).all()
+
+
 @router.get("/tokens")
 def tokens(request: Request, user: User = Depends(page_user), db: Session = Depends(get_db)):
-    rows = db.scalars(select(ApiToken).where(ApiToken.user_id == user.id)).all()
-    return render(request, "tokens.html", user, tokens=rows)
+    return render(request, "tokens.html", user, tokens=_my_tokens(db, user), lifetimes=TOKEN_LIFETIMES_DAYS,
+                  default_days=DEFAULT_TOKEN_DAYS, now=utcnow())
 
 
 @router.post("/tokens")
-def new_token(request: Request, name: str = Form("script"), csrf_token_: str = Form("", alias="csrf_token"),
-              user: User = Depends(page_user), db: Session = Depends(get_db)):
+def new_token(request: Request, name: str = Form("script"), days: int = Form(DEFAULT_TOKEN_DAYS),
+              csrf_token_: str = Form("", alias="csrf_token"), user: User = Depends(page_user), db: Session = Depends(get_db)):
     check_csrf(request, csrf_token_)
+    if days not in TOKEN_LIFETIMES_DAYS:
+        raise HTTPException(400, f"a token lives {', '.join(map(str, TOKEN_LIFETIMES_DAYS))} days")
     token, h = new_api_token()
-    db.add(ApiToken(user_id=user.id, name=name[:100], token_hash=h))
-    db.commit()
-    rows = db.scalars(select(ApiToken).where(ApiToken.user_id == user.id)).all()
-    return render(request, "tokens.html", user, tokens=rows, new_token=token)
+    tok = ApiToken(user_id=user.id, name=name.strip()[:100] or "script", token_hash=h,
+                   expires_at=utcnow() + dt.timedelta(days=days))
+    db.add(tok)
+    db.flush()
+    audit.record(db, "token_created", user, request, token=tok.name, token_id=tok.id, days=days)
+    return render(request, "tokens.html", user, tokens=_my_tokens(db, user), new_token=token, lifetimes=TOKEN_LIFETIMES_DAYS,
+                  default_days=DEFAULT_TOKEN_DAYS, now=utcnow())
+
+
+@router.post("/tokens/{token_id}/revoke")
+def revoke_token(token_id: int, request: Request, csrf_token_: str = Form("", alias="csrf_token"),
+                 user: User = Depends(page_user), db: Session = Depends(get_db)):
+    check_csrf(request, csrf_token_)
+    tok = db.get(ApiToken, token_id)
+    if tok is None or (tok.user_id != user.id and not can(user.role, "admin")):
+        raise HTTPException(404)
+    if tok.revoked_at is None:
+        tok.revoked_at = utcnow()
+        audit.record(db, "token_revoked", user, request, token=tok.name, token_id=tok.id, owner=tok.user.email)
+    return RedirectResponse("/tokens", status_code=303)
 
 
 @router.get("/admin")
@@ -240,5 +287,42 @@ def add_user(request: Request, email: str = Form(...), name: str = Form(""), pas
     if role not in ROLES or len(password) < 8 or db.scalar(select(User).where(User.email == email)):
         raise HTTPException(400, "invalid user: unknown role, password under 8 characters, or email taken")
     db.add(User(email=email, name=name, password_hash=hash_password(password), role=role))
-    db.commit()
+    audit.record(db, "user_added", user, request, email=email, role=role)
     return RedirectResponse("/admin", status_code=303)
+
+
+def _audit_query(action: str, email: str, date_from: str, date_to: str):
+    q = select(AuditLog).order_by(AuditLog.at.desc(), AuditLog.id.desc())
+    if action:
+        q = q.where(AuditLog.action == action)
+    if email:
+        q = q.join(User, AuditLog.user_id == User.id).where(User.email.ilike(f"%{email.strip()}%"))
+    try:
+        if date_from:
+            q = q.where(AuditLog.at >= dt.datetime.fromisoformat(date_from))
+        if date_to:
+            q = q.where(AuditLog.at < dt.datetime.fromisoformat(date_to) + dt.timedelta(days=1))
+    except ValueError:
+        raise HTTPException(400, "dates are YYYY-MM-DD") from None
+    return q
+
+
+@router.get("/admin/audit")
+def audit_page(request: Request, action: str = "", email: str = "", date_from: str = "", date_to: str = "",
+               user: User = Depends(page_user), db: Session = Depends(get_db)):
+    if not can(user.role, "admin"):
+        raise HTTPException(403)
+    entries = db.scalars(_audit_query(action, email, date_from, date_to).limit(500)).all()
+    return render(request, "audit.html", user, entries=entries, actions=audit.ACTIONS, action=action, email=email,
+                  date_from=date_from, date_to=date_to)
+
+
+@router.get("/admin/audit.csv")
+def audit_export(request: Request, action: str = "", email: str = "", date_from: str = "", date_to: str = "",
+                 user: User = Depends(page_user), db: Session = Depends(get_db)):
+    if not can(user.role, "admin"):
+        raise HTTPException(403)
+    entries = db.scalars(_audit_query(action, email, date_from, date_to)).all()
+    audit.record(db, "audit_export", user, request, entries=len(entries), filter_action=action, filter_email=email)
+    return Response(audit.audit_csv(entries), media_type="text/csv",
+                    headers={"Content-Disposition": 'attachment; filename="audit.csv"'})
