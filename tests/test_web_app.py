@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from .test_imaging import make_dicom
-from .webapp_helpers import ADMIN, add_user, csrf_of, live_app, new_token, sign_in
+from .webapp_helpers import ADMIN, _run_client_in_thread, add_user, csrf_of, live_app, new_token, sign_in
 
 
 @pytest.fixture()
@@ -165,13 +165,6 @@ def test_model_unavailable_keeps_the_upload(tmp_path, one_xray, tiny_model):
 
 
 # --- uplinks ---------------------------------------------------------------------
-
-def _run_client_in_thread(client):
-    loop = asyncio.new_event_loop()
-    th = threading.Thread(target=lambda: loop.run_until_complete(client.run_forever()), daemon=True)
-    th.start()
-    return loop, th
-
 
 def _api(base, app_client_pair=None):
     import httpx

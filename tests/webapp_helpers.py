@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import socket
 import threading
@@ -67,3 +68,11 @@ def new_token(client: httpx.Client, csrf: str) -> str:
 def add_user(client: httpx.Client, csrf: str, email: str, role: str, password: str = "user-pass-123") -> None:
     r = client.post("/admin/users", data={"csrf_token": csrf, "email": email, "name": role, "password": password, "role": role})
     assert r.status_code == 200, r.text[:300]
+
+
+def _run_client_in_thread(client):
+    """Run a model server's uplink client on an event loop of its own."""
+    loop = asyncio.new_event_loop()
+    th = threading.Thread(target=lambda: loop.run_until_complete(client.run_forever()), daemon=True)
+    th.start()
+    return loop, th

@@ -69,14 +69,35 @@ def cmd_connect(args) -> int:
 
         serve(clf, args.anvil_key, args.anvil_url)
         return 0
-    if not (args.url and args.key):
-        print("error: connect needs --url and --key (our web app), or --anvil-key (an Anvil app)", file=sys.stderr)
-        return 2
     import asyncio
 
+    from .batching import DynamicBatcher
+
+    try:
+        batcher = DynamicBatcher(clf, args.max_batch, args.batch_delay_ms)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.broker:
+        from .broker import BrokerWorker, redact
+
+        worker = BrokerWorker(args.broker, batcher, name=args.name, prefetch=args.prefetch, prefix=args.broker_prefix,
+                              stall_s=args.stall_s)
+        try:
+            asyncio.run(worker.run())
+        except KeyboardInterrupt:
+            pass
+        except (OSError, ConnectionError) as exc:
+            print(f"error: broker {redact(args.broker)} unreachable: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    if not (args.url and args.key):
+        print("error: connect needs --url and --key (our web app), --broker URL (RabbitMQ), or --anvil-key (an Anvil app)",
+              file=sys.stderr)
+        return 2
     from .uplink import AuthenticationFailed, UplinkClient
 
-    client = UplinkClient(args.url, args.key, clf, max_concurrency=args.max_concurrency)
+    client = UplinkClient(args.url, args.key, batcher, max_concurrency=args.max_concurrency, name=args.name)
     try:
         asyncio.run(client.run_forever())
     except AuthenticationFailed as exc:
@@ -114,7 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--anvil-key", help="an Anvil app's uplink key")
     c.add_argument("--anvil-url", default=None, help="Anvil server websocket URL (self-hosted Anvil)")
     c.add_argument("--model", default=None)
-    c.add_argument("--max-concurrency", type=int, default=2)
+    c.add_argument("--broker", default=None, help="take jobs from RabbitMQ instead, e.g. amqp://guest:guest@broker:5672/")
+    c.add_argument("--broker-prefix", default="cxr", help="queue names, as the web app's CXR_BROKER_PREFIX")
+    c.add_argument("--prefetch", type=int, default=None, help="jobs held at once from the broker (default 2 x --max-batch)")
+    c.add_argument("--stall-s", type=float, default=60.0, help="hand back a broker job running longer than this, and pause")
+    c.add_argument("--name", default=None, help="how the web app's Admin page names this server (default: host name)")
+    c.add_argument("--max-concurrency", type=int, default=16, help="requests accepted at once over the websocket")
+    c.add_argument("--max-batch", type=int, default=16, help="largest batch one model run takes")
+    c.add_argument("--batch-delay-ms", type=float, default=5.0,
+                   help="how long a batch waits for requests still being prepared (0: never)")
     c.add_argument("--threads", type=int, default=None)
     c.set_defaults(fn=cmd_connect)
     i = sub.add_parser("info", help="describe the model")

@@ -25,6 +25,7 @@ REFUSAL_CODES: dict[str, str] = {
     "color_photo": "The image is a colour photograph, not an X-ray.",
     "not_chest_xray": "The image does not look like a frontal chest X-ray.",
     "model_unavailable": "No model is available to classify the image right now.",
+    "queued": "The image is queued for a model server; the result appears on the case when it is ready.",
 }
 
 

@@ -133,6 +133,16 @@ class OnnxBackend:
         return tuple(None if p[0] is None else np.concatenate(p) for p in zip(*parts))
 
 
+@dataclass
+class Prepared:
+    """One upload between ``Classifier.prepare`` and ``Classifier.finish``."""
+
+    pred: Prediction
+    image: DecodedImage | None
+    x: np.ndarray | None  # the preprocessed input; None when refused
+    check_ood: bool = True
+
+
 class Classifier:
     """An exported model with its card: preprocessing, classes, calibration, OOD gate.
 
@@ -202,29 +212,36 @@ class Classifier:
         """
         t0 = time.perf_counter()
         names = names or [""] * len(sources)
-        preds, images, xs = [], [], []
-        for source, name in zip(sources, names):
-            pred = Prediction(file=name or (str(source) if not isinstance(source, (bytes, bytearray)) else ""),
-                              model=self.name, version=self.version)
-            preds.append(pred)
-            try:
-                image = decode(source)
-                if check_ood:
-                    ood.check_image(image.gray, image.colorfulness)
-                xs.append(self.preprocess(image))
-                images.append((pred, image))
-            except Refusal as r:
-                pred.refused, pred.refusal = True, r.to_dict()
-        if xs:
-            logits, cams, embs = self.run(np.stack(xs))
+        prepared = [self.prepare(source, name, check_ood) for source, name in zip(sources, names)]
+        ready = [p for p in prepared if p.x is not None]
+        if ready:
+            logits, cams, embs = self.run(np.stack([p.x for p in ready]))
             probs = self.probabilities(logits)
-            for i, (pred, image) in enumerate(images):
-                self._finish(pred, image, probs[i], None if cams is None else cams[i],
-                             None if embs is None else embs[i], heatmap, check_ood)
+            for i, p in enumerate(ready):
+                self.finish(p, probs[i], None if cams is None else cams[i], None if embs is None else embs[i], heatmap)
         per_image = (time.perf_counter() - t0) * 1000 / max(1, len(sources))
-        for pred in preds:
-            pred.elapsed_ms = per_image
-        return preds
+        for p in prepared:
+            p.pred.elapsed_ms = per_image
+        return [p.pred for p in prepared]
+
+    def prepare(self, source, name: str = "", check_ood: bool = True) -> "Prepared":
+        """Decode, check and preprocess one upload: the per-image work before the
+        model runs (a refusal here leaves ``x`` None)."""
+        pred = Prediction(file=name or (str(source) if not isinstance(source, (bytes, bytearray)) else ""),
+                          model=self.name, version=self.version)
+        try:
+            image = decode(source)
+            if check_ood:
+                ood.check_image(image.gray, image.colorfulness)
+            return Prepared(pred, image, self.preprocess(image), check_ood)
+        except Refusal as r:
+            pred.refused, pred.refusal = True, r.to_dict()
+            return Prepared(pred, None, None, check_ood)
+
+    def finish(self, p: "Prepared", probs: np.ndarray, cam, emb, heatmap: bool = True) -> Prediction:
+        """The per-image work after the model ran: the refusal gate, label, heatmap."""
+        self._finish(p.pred, p.image, probs, cam, emb, heatmap, p.check_ood)
+        return p.pred
 
     def _finish(self, pred: Prediction, image: DecodedImage, probs: np.ndarray, cam, emb, heatmap: bool,
                 check_ood: bool) -> None:

@@ -15,6 +15,7 @@ import random
 import socket
 from urllib.parse import urlparse, urlunparse
 
+from .batching import DynamicBatcher
 from .model import Classifier
 
 log = logging.getLogger(__name__)
@@ -34,11 +35,13 @@ def ws_url(url: str) -> str:
 
 
 class UplinkClient:
-    def __init__(self, url: str, key: str, classifier: Classifier, max_concurrency: int = 2,
+    def __init__(self, url: str, key: str, classifier: Classifier | DynamicBatcher, max_concurrency: int = 16,
                  name: str | None = None, heartbeat_s: float = 15.0, backoff_max_s: float = 60.0):
         self.url = ws_url(url)
         self.key = key
-        self.classifier = classifier
+        # concurrent requests share model runs
+        self.batcher = classifier if isinstance(classifier, DynamicBatcher) else DynamicBatcher(classifier)
+        self.classifier = self.batcher.classifier
         self.max_concurrency = max(1, max_concurrency)
         self.name = name or socket.gethostname()
         self.heartbeat_s = heartbeat_s
@@ -112,8 +115,7 @@ class UplinkClient:
         async with sem:  # bounded: at most max_concurrency predictions at once
             try:
                 data = base64.b64decode(msg["data"])
-                pred = await asyncio.get_running_loop().run_in_executor(
-                    None, lambda: self.classifier.predict(data, name=msg.get("filename", "")))
+                pred = await self.batcher.predict(data, msg.get("filename", ""))
                 reply = {"type": "result", "id": msg["id"], "result": pred.to_dict(),
                          "heatmap_png": base64.b64encode(pred.heatmap_png).decode("ascii") if pred.heatmap_png else None}
             except Exception as exc:  # report, never crash the link

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from contextlib import asynccontextmanager
@@ -53,6 +54,25 @@ def load_local_model(settings: Settings):
         return None
 
 
+async def connect_broker(router: ModelRouter, settings: Settings, SessionLocal) -> None:
+    """Connect to the broker, retrying while it is down (the app serves meanwhile)."""
+    from .broker import BrokerClient
+    from .cases import result_writer
+
+    client = BrokerClient(settings.broker_url, settings.node_name, result_writer(SessionLocal, settings), settings.broker_prefix)
+    delay = 1.0
+    while True:
+        try:
+            await client.start()
+            router.broker = client
+            print(f"broker: node {settings.node_name} connected to {client.status_url}", flush=True)
+            return
+        except Exception as exc:
+            print(f"warning: broker {client.status_url} unreachable ({exc}); retrying in {delay:.0f} s", flush=True)
+            await asyncio.sleep(delay)
+            delay = min(30.0, delay * 2)
+
+
 def create_app(settings: Settings | None = None, classifier="auto") -> FastAPI:
     settings = settings or Settings.from_env()
     migrate(settings.database_url)
@@ -62,11 +82,19 @@ def create_app(settings: Settings | None = None, classifier="auto") -> FastAPI:
     if generated:
         print(f"First admin account: {settings.admin_email} / password: {generated}  (change it, or set CXR_ADMIN_PASSWORD)", flush=True)
     local = load_local_model(settings) if classifier == "auto" else classifier
-    router = ModelRouter(local, timeout=settings.uplink_timeout_s)
+    router = ModelRouter(local, timeout=settings.uplink_timeout_s, max_batch=settings.max_batch,
+                         max_delay_ms=settings.batch_delay_ms)
 
     @asynccontextmanager
     async def lifespan(app):
+        task = asyncio.create_task(connect_broker(router, settings, SessionLocal)) if settings.broker_url else None
         yield
+        if task is not None:
+            task.cancel()
+        if router.broker is not None:
+            await router.broker.close()
+        if router.batcher is not None:
+            router.batcher.stop()
         engine.dispose()
 
     app = FastAPI(title="Chest X-ray screening", version="0.1.0", lifespan=lifespan,
@@ -92,7 +120,7 @@ def create_app(settings: Settings | None = None, classifier="auto") -> FastAPI:
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz():
-        return {"ok": True, "model_available": router.available, **router.status()}
+        return {"ok": True, "model_available": router.available, **(await router.full_status())}
 
     @app.exception_handler(LoginRequired)
     async def _login(request: Request, exc: LoginRequired):

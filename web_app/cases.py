@@ -11,16 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from uplink_server import deidentify
 from uplink_server.errors import Refusal
 from uplink_server.imaging import DecodedImage, decode
 
+from .broker import JobPending
 from .config import Settings
 from .db import AuditLog, Case, User
-from .inference import ModelRouter, ModelUnavailable
+from .inference import Job, ModelRouter, ModelUnavailable, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -123,40 +124,78 @@ def create_case(db: Session, settings: Settings, user: User, upload: Upload, pat
 
 
 async def classify_case(db: Session, settings: Settings, router: ModelRouter, case: Case, user: User) -> Case:
-    """Run the model on a stored case; a missing model leaves it pending, nothing lost."""
+    """Run the model on a stored case; a missing model leaves it pending, nothing lost.
+
+    Each attempt is a job with its own id, recorded on the case; the result is
+    written only while the case still waits for that job, so a job answered
+    twice (redelivered by the broker) changes the case once.
+    """
     if not case.image_path:
         return case
     data = (settings.upload_dir / case.image_path).read_bytes()
-    try:
-        outcome = await router.predict(data, case.filename)
-    except ModelUnavailable:
-        case.status, case.refusal_code = "pending", "model_unavailable"
-        case.refusal_message = Refusal("model_unavailable").message
-        db.commit()
-        return case
-    r = outcome.result
-    case.model_name, case.model_version = r.get("model"), r.get("version")
-    case.served_by, case.elapsed_ms = outcome.served_by, r.get("elapsed_ms")
-    if r.get("refused"):
-        case.status = "refused"
-        case.refusal_code = (r.get("refusal") or {}).get("code")
-        case.refusal_message = (r.get("refusal") or {}).get("message")
-        case.label, case.probabilities, case.risk = None, None, None
-    else:
-        case.status = "done"
-        case.refusal_code = case.refusal_message = None
-        case.label, case.probabilities, case.uncertain = r["label"], r["probabilities"], bool(r.get("uncertain"))
-        # risk for the worklist: probability of anything but normal
-        case.risk = 1.0 - float(r["probabilities"].get("normal", 0.0))
-        if outcome.heatmap_png:
-            hp = Path(case.image_path).with_suffix("").name + ".heatmap.png"
-            (settings.upload_dir / hp).write_bytes(outcome.heatmap_png)
-            case.heatmap_path = hp
-    db.add(AuditLog(user_id=user.id, action="classify", case_id=case.id,
-                    detail={"status": case.status, "label": case.label, "model": case.model_name,
-                            "version": case.model_version, "served_by": case.served_by}))
+    job = Job(uuid.uuid4().hex, case.id, user.id)
+    case.job_id = job.id
     db.commit()
+    try:
+        outcome = await router.predict(data, case.filename, job)
+    except ModelUnavailable:
+        return _mark_pending(db, case, job.id, "model_unavailable")
+    except JobPending:
+        return _mark_pending(db, case, job.id, "queued")
+    apply_outcome(db, settings, job, outcome)
+    db.refresh(case)
     return case
+
+
+def _mark_pending(db: Session, case: Case, job_id: str, code: str) -> Case:
+    # conditional: the result may have landed meanwhile (a late broker answer)
+    db.execute(update(Case).where(Case.id == case.id, Case.job_id == job_id)
+               .values(status="pending", refusal_code=code, refusal_message=Refusal(code).message))
+    db.commit()
+    db.refresh(case)
+    return case
+
+
+def apply_outcome(db: Session, settings: Settings, job: Job, outcome: Outcome) -> bool:
+    """Write a model's answer into its case, once: False if the case no longer
+    waits for this job (already written, or a newer attempt started)."""
+    r = outcome.result
+    values = {"model_name": r.get("model"), "model_version": r.get("version"), "served_by": outcome.served_by,
+              "elapsed_ms": r.get("elapsed_ms"), "job_id": None}
+    if r.get("refused"):
+        values.update(status="refused", refusal_code=(r.get("refusal") or {}).get("code"),
+                      refusal_message=(r.get("refusal") or {}).get("message"), label=None, probabilities=None, risk=None)
+    else:
+        # risk for the worklist: probability of anything but normal
+        values.update(status="done", refusal_code=None, refusal_message=None, label=r["label"],
+                      probabilities=r["probabilities"], uncertain=bool(r.get("uncertain")),
+                      risk=1.0 - float(r["probabilities"].get("normal", 0.0)))
+        if outcome.heatmap_png:
+            hp = f"{job.case_id}-{job.id[:12]}.heatmap.png"  # a repeated answer rewrites the same file
+            (settings.upload_dir / hp).write_bytes(outcome.heatmap_png)
+            values["heatmap_path"] = hp
+    written = db.execute(update(Case).where(Case.id == job.case_id, Case.job_id == job.id).values(**values)).rowcount == 1
+    if written:
+        db.add(AuditLog(user_id=job.user_id or None, action="classify", case_id=job.case_id,
+                        detail={"status": values["status"], "label": values.get("label"), "model": values["model_name"],
+                                "version": values["model_version"], "served_by": outcome.served_by, "job": job.id}))
+    db.commit()
+    return written
+
+
+def result_writer(SessionLocal, settings: Settings):
+    """What the broker client calls for each result: write it into its case."""
+    from .broker import decode_body
+
+    def write(job_id: str, body: dict, headers: dict) -> None:
+        if body.get("error"):
+            return  # the waiting request serves it another way; a late error changes nothing
+        result, png = decode_body(body)
+        job = Job(job_id, int(headers.get("case_id") or 0), int(headers.get("user_id") or 0) or None)
+        with SessionLocal() as db:
+            apply_outcome(db, settings, job, Outcome(result, png, f"broker:{body.get('served_by', '')}"))
+
+    return write
 
 
 def visible_cases(db: Session, user: User, can_view_all: bool):

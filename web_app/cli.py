@@ -16,6 +16,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--data-dir", default=None, help="database, uploads and secrets (default ./web_app_data or $CXR_DATA_DIR)")
     s.add_argument("--no-local-model", action="store_true", help="serve only through connected model servers")
     s.add_argument("--model", default=None, help="in-process model file (default: weights/)")
+    s.add_argument("--max-batch", type=int, default=None, help="largest batch the in-process model runs (default 16)")
+    s.add_argument("--batch-delay-ms", type=float, default=None,
+                   help="how long a batch waits for requests still being prepared (default 5 ms; 0: never wait)")
     u = sub.add_parser("create-user", help="add a user")
     u.add_argument("email")
     u.add_argument("--role", choices=["admin", "doctor", "technician"], default="technician")
@@ -34,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
             over["local_model"] = False
         if args.model:
             over["model_path"] = args.model
+        if args.max_batch is not None:
+            over["max_batch"] = args.max_batch
+        if args.batch_delay_ms is not None:
+            over["batch_delay_ms"] = args.batch_delay_ms
     settings = Settings.from_env(args.data_dir, **over)
     if args.cmd == "serve":
         import uvicorn

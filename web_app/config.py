@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,11 @@ class Settings:
     max_zip_files: int = 200
     uplink_timeout_s: float = 60.0
     secure_cookies: bool = False
+    max_batch: int = 16  # dynamic batching of the in-process model
+    broker_url: str | None = None  # amqp://... : model servers behind RabbitMQ
+    broker_prefix: str = "cxr"  # queue and exchange names, so several installs can share a broker
+    node_name: str = ""  # this web node's name: its result queue; stable across restarts
+    batch_delay_ms: float = 5.0
 
     @property
     def upload_dir(self) -> Path:
@@ -55,6 +61,11 @@ class Settings:
             local_model=os.environ.get("CXR_LOCAL_MODEL", "1") not in ("0", "false", "no"),
             model_path=os.environ.get("CXR_MODEL") or None,
             secure_cookies=os.environ.get("CXR_SECURE_COOKIES", "0") in ("1", "true", "yes"),
+            max_batch=int(os.environ.get("CXR_MAX_BATCH", "16")),
+            broker_url=os.environ.get("CXR_BROKER_URL") or None,
+            broker_prefix=os.environ.get("CXR_BROKER_PREFIX", "cxr"),
+            node_name=os.environ.get("CXR_NODE") or socket.gethostname(),
+            batch_delay_ms=float(os.environ.get("CXR_BATCH_DELAY_MS", "5")),
         )
         for k, v in over.items():
             setattr(s, k, v)

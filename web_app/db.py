@@ -69,6 +69,7 @@ class Case(Base):
     model_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
     served_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
     elapsed_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    job_id: Mapped[str | None] = mapped_column(String(32), nullable=True)  # the attempt whose answer is awaited
     creator: Mapped[User] = relationship()
 
 

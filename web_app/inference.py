@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 from fastapi import WebSocket
 
+from uplink_server.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_DELAY_MS, DynamicBatcher
+
 log = logging.getLogger(__name__)
 
 
@@ -26,6 +28,15 @@ class ModelUnavailable(RuntimeError):
 
 class ConnectionLost(RuntimeError):
     pass
+
+
+@dataclass
+class Job:
+    """One request to classify a stored case; its id makes the case write idempotent."""
+
+    id: str
+    case_id: int
+    user_id: int | None = None
 
 
 @dataclass
@@ -58,9 +69,9 @@ class UplinkConnection:
             await self.ws.send_json({"type": "predict", "id": req_id, "filename": filename,
                                      "data": base64.b64encode(data).decode("ascii")})
             msg = await asyncio.wait_for(fut, timeout)
-        except (asyncio.TimeoutError, RuntimeError, OSError) as exc:
-            if isinstance(exc, ConnectionLost):
-                raise
+        except ConnectionLost:
+            raise
+        except Exception as exc:  # WebSocketDisconnect, timeouts, closed transports: all mean "try elsewhere"
             raise ConnectionLost(f"model server {self.name}: {exc!r}") from exc
         finally:
             self.pending.pop(req_id, None)
@@ -77,23 +88,40 @@ class UplinkConnection:
 
 
 class ModelRouter:
-    def __init__(self, local=None, timeout: float = 60.0):
-        self.local = local  # uplink_server.model.Classifier or None
+    def __init__(self, local=None, timeout: float = 60.0, max_batch: int = DEFAULT_MAX_BATCH,
+                 max_delay_ms: float = DEFAULT_MAX_DELAY_MS):
+        self.max_batch, self.max_delay_ms = max_batch, max_delay_ms
+        self.local = local  # uplink_server.model.Classifier or None; runs behind a DynamicBatcher
         self.uplinks: dict[str, UplinkConnection] = {}
+        self.broker = None  # web_app.broker.BrokerClient when --broker is set
         self.timeout = timeout
         self._rr = itertools.count()
-        self._local_lock = asyncio.Semaphore(2)
+
+    @property
+    def local(self):
+        return self._local
+
+    @local.setter
+    def local(self, classifier) -> None:
+        self._local = classifier
+        self.batcher = None if classifier is None else DynamicBatcher(classifier, self.max_batch, self.max_delay_ms)
 
     def status(self) -> dict:
         return {
-            "local": None if self.local is None else {"model": self.local.name, "version": self.local.version},
+            "local": None if self.local is None else {"model": self.local.name, "version": self.local.version,
+                                                      "batching": self.batcher.status()},
             "uplinks": [{"id": u.id, "name": u.name, "model": u.model, "version": u.version, "capacity": u.capacity,
                          "in_flight": len(u.pending)} for u in self.uplinks.values()],
         }
 
+    async def full_status(self) -> dict:
+        out = self.status()
+        out["broker"] = None if self.broker is None else await self.broker.status()
+        return out
+
     @property
     def available(self) -> bool:
-        return self.local is not None or bool(self.uplinks)
+        return self.local is not None or bool(self.uplinks) or (self.broker is not None and bool(self.broker.servers))
 
     def add(self, conn: UplinkConnection) -> None:
         self.uplinks[conn.id] = conn
@@ -104,25 +132,51 @@ class ModelRouter:
         conn.fail_all(reason)
         log.info("model server %s removed: %s", conn.name, reason)
 
-    def _candidates(self) -> list[UplinkConnection]:
+    def _candidates(self) -> tuple[list[UplinkConnection], list[UplinkConnection]]:
+        """(connected model servers with free capacity, busy ones), round-robin."""
         ups = [u for u in self.uplinks.values() if not u.closed]
         if not ups:
-            return []
+            return [], []
         start = next(self._rr) % len(ups)
         ordered = ups[start:] + ups[:start]
-        return [u for u in ordered if not u.busy] + [u for u in ordered if u.busy]
+        return [u for u in ordered if not u.busy], [u for u in ordered if u.busy]
 
-    async def predict(self, data: bytes, filename: str) -> Outcome:
-        for conn in self._candidates():
+    async def _try_uplinks(self, conns, data: bytes, filename: str) -> Outcome | None:
+        for conn in conns:
             try:
                 return await conn.predict(data, filename, self.timeout)
             except ConnectionLost as exc:
                 log.warning("%s; trying the next model", exc)
                 self.remove(conn, str(exc))
-        if self.local is not None:
-            async with self._local_lock:
-                pred = await asyncio.get_running_loop().run_in_executor(None, lambda: self.local.predict(data, name=filename))
+        return None
+
+    async def predict(self, data: bytes, filename: str, job: Job | None = None) -> Outcome:
+        """Free websocket model servers, then the broker's, then the in-process
+        model, then busy websocket servers. Raises ModelUnavailable, or
+        JobPending when a broker job outlives the timeout (it still completes)."""
+        free, busy = self._candidates()
+        if (out := await self._try_uplinks(free, data, filename)) is not None:
+            return out
+        if self.broker is not None and job is not None and await self.broker.available():
+            from .broker import JobPending, decode_body
+
+            try:
+                body = await self.broker.submit(job.id, job.case_id, data, filename, self.timeout,
+                                                user_id=job.user_id)
+            except JobPending:
+                raise
+            except Exception as exc:  # the broker dropped: serve another way
+                log.warning("broker unavailable (%r); trying the next model", exc)
+            else:
+                if not body.get("error"):
+                    result, png = decode_body(body)
+                    return Outcome(result, png, f"broker:{body.get('served_by', '')}")
+                log.warning("model server %s failed job %s: %s", body.get("served_by"), job.id, body["error"])
+        if self.batcher is not None:
+            pred = await self.batcher.predict(data, filename)
             return Outcome(pred.to_dict(), pred.heatmap_png, "local")
+        if (out := await self._try_uplinks(busy, data, filename)) is not None:
+            return out
         raise ModelUnavailable("no model is available")
 
 

@@ -90,6 +90,9 @@ async def predict(request: Request, file: UploadFile = File(...), patient_code: 
     if case.status == "refused":
         body["refusal"]["message"] = refusal_text(case.refusal_code, lang_of(request), case.refusal_message)
         return JSONResponse(body, status_code=REFUSAL_STATUS.get(case.refusal_code, 422))
+    if case.status == "pending" and case.refusal_code == "queued":
+        body["detail"] = "queued for a model server: the result is written to the case when ready (GET /api/v1/cases/{id})"
+        return JSONResponse(body, status_code=202)
     if case.status == "pending":
         body["detail"] = "model unavailable: the image is saved as a pending case; retry later"
         return JSONResponse(body, status_code=503)
@@ -137,5 +140,7 @@ def audit_export(request: Request, action: str = "", email: str = "", date_from:
 
 
 @router.get("/status")
-def status(request: Request, user: User = Depends(api_user)):
-    return {"model_available": request.app.state.router.available, **request.app.state.router.status()}
+async def status(request: Request, user: User = Depends(api_user)):
+    """Models: the in-process one (with its batching), websocket model servers, and the
+    broker's queue depth and model servers with their health."""
+    return {"model_available": request.app.state.router.available, **(await request.app.state.router.full_status())}

@@ -268,11 +268,11 @@ def revoke_token(token_id: int, request: Request, csrf_token_: str = Form("", al
 
 
 @router.get("/admin")
-def admin(request: Request, user: User = Depends(page_user), db: Session = Depends(get_db)):
+async def admin(request: Request, user: User = Depends(page_user), db: Session = Depends(get_db)):
     if not can(user.role, "admin"):
         raise HTTPException(403)
     return render(request, "admin.html", user, users=db.scalars(select(User)).all(), roles=ROLES,
-                  servers=request.app.state.router.status(), uplink_key=request.app.state.settings.uplink_key,
+                  servers=await request.app.state.router.full_status(), uplink_key=request.app.state.settings.uplink_key,
                   base_url=str(request.base_url).rstrip("/"))
 
 

@@ -1,0 +1,125 @@
+"""Dynamic batching: concurrent requests share one model run.
+
+Modelled on Triton's dynamic batcher. Each request decodes and preprocesses its
+image on a thread of its own (that work is per image and runs in parallel),
+then queues its input tensor. One model thread takes what is queued, up to
+``max_batch``, and when more requests are still being prepared waits at most
+``max_delay_ms`` for them, then runs them as one ONNX batch. The gate and the
+heatmap are finished per image again. A request on an idle server never waits:
+with nothing else in preparation it runs at once, alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from .model import Classifier, Prediction
+
+DEFAULT_MAX_BATCH = 16
+DEFAULT_MAX_DELAY_MS = 5.0
+
+
+class DynamicBatcher:
+    def __init__(self, classifier: Classifier, max_batch: int = DEFAULT_MAX_BATCH,
+                 max_delay_ms: float = DEFAULT_MAX_DELAY_MS, workers: int | None = None):
+        if max_batch < 1 or max_delay_ms < 0:
+            raise ValueError("max_batch must be >= 1 and max_delay_ms >= 0")
+        self.classifier = classifier
+        self.max_batch = max_batch
+        self.max_delay = max_delay_ms / 1000.0
+        # per-image work (decode, preprocess, heatmap) in parallel; the model one batch at a time
+        self._prep = ThreadPoolExecutor(workers or max(2, (os.cpu_count() or 2)), thread_name_prefix="prepare")
+        self._model = ThreadPoolExecutor(1, thread_name_prefix="model")
+        self._queue: asyncio.Queue | None = None
+        self._loop = None
+        self._worker: asyncio.Task | None = None
+        self._preparing = 0
+        self.batch_sizes: Counter = Counter()  # batch size -> how many batches ran
+        self.served = 0
+
+    @property
+    def name(self) -> str:
+        return self.classifier.name
+
+    @property
+    def version(self) -> str:
+        return self.classifier.version
+
+    def status(self) -> dict:
+        runs = sum(self.batch_sizes.values())
+        return {"max_batch": self.max_batch, "max_delay_ms": self.max_delay * 1000, "served": self.served,
+                "batches": runs, "mean_batch": round(sum(k * v for k, v in self.batch_sizes.items()) / runs, 2) if runs else 0.0,
+                "queued": self._queue.qsize() if self._queue is not None else 0}
+
+    def _ensure_worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop or self._worker is None or self._worker.done():
+            self._loop, self._queue = loop, asyncio.Queue()
+            self._worker = loop.create_task(self._run_batches())
+
+    async def predict(self, source, name: str = "", heatmap: bool = True) -> Prediction:
+        """Classify one upload; concurrent calls are batched. Never raises on bad input."""
+        self._ensure_worker()
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        self._preparing += 1
+        try:
+            prepared = await loop.run_in_executor(self._prep, self.classifier.prepare, source, name)
+            if prepared.x is None:
+                return prepared.pred
+            fut = loop.create_future()
+            self._queue.put_nowait((prepared.x, fut))
+        finally:
+            self._preparing -= 1
+        probs, cam, emb = await fut
+        pred = await loop.run_in_executor(self._prep, self.classifier.finish, prepared, probs, cam, emb, heatmap)
+        pred.elapsed_ms = (time.perf_counter() - t0) * 1000
+        self.served += 1
+        return pred
+
+    async def _run_batches(self) -> None:
+        loop = asyncio.get_running_loop()
+        q = self._queue
+        while True:
+            batch = [await q.get()]
+            while len(batch) < self.max_batch and not q.empty():
+                batch.append(q.get_nowait())
+            if self.max_delay and len(batch) < self.max_batch and self._preparing:
+                deadline = loop.time() + self.max_delay
+                while len(batch) < self.max_batch and (self._preparing or not q.empty()):
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        break
+                    try:
+                        batch.append(await asyncio.wait_for(q.get(), left))
+                    except asyncio.TimeoutError:
+                        break
+            self.batch_sizes[len(batch)] += 1
+            try:
+                logits, cams, embs = await loop.run_in_executor(self._model, self.classifier.run, np.stack([x for x, _ in batch]))
+                probs = self.classifier.probabilities(logits)
+            except Exception as exc:  # a failed run fails its requests, not the batcher
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for i, (_, fut) in enumerate(batch):
+                if not fut.done():  # the request may have been cancelled
+                    fut.set_result((probs[i], None if cams is None else cams[i], None if embs is None else embs[i]))
+
+    def stop(self) -> None:
+        """Stop the batch loop (it restarts with the next request)."""
+        if self._worker is not None:
+            self._worker.cancel()
+            self._worker = None
+
+    def close(self) -> None:
+        self.stop()
+        self._prep.shutdown(wait=False, cancel_futures=True)
+        self._model.shutdown(wait=False, cancel_futures=True)
