@@ -44,6 +44,29 @@ def latency(clf: Classifier, files: list[Path]) -> tuple[float, float]:
     return float(np.percentile(times, 50)), float(np.percentile(times, 95))
 
 
+def batcher_latency(clf: Classifier, files: list[Path]) -> tuple[float, float]:
+    """Requests one after another, as on an idle server: the window must not add latency."""
+    import asyncio
+
+    from uplink_server.batching import DynamicBatcher
+
+    batcher = DynamicBatcher(clf)
+
+    async def go():
+        await batcher.predict(files[0].read_bytes())
+        times = []
+        for f in files:
+            data = f.read_bytes()
+            t0 = time.perf_counter()
+            await batcher.predict(data)
+            times.append((time.perf_counter() - t0) * 1000)
+        return times
+
+    times = asyncio.run(go())
+    batcher.close()
+    return float(np.percentile(times, 50)), float(np.percentile(times, 95))
+
+
 def throughput(run, batch: np.ndarray, seconds: float = 5.0) -> float:
     run(batch)
     n, t0 = 0, time.perf_counter()
@@ -68,6 +91,9 @@ def main() -> None:
     for tag, path in models:
         clf = Classifier(path)
         p50, p95 = latency(clf, files)
+        b50, b95 = batcher_latency(clf, files)
+        print(f"onnxruntime {tag}: one request at a time through the dynamic batcher (5 ms window): "
+              f"p50 {b50:.1f} ms, p95 {b95:.1f} ms (direct: {p50:.1f} / {p95:.1f})")
         if batch is None:
             imgs = [clf.preprocess(decode(f)) for f in files]
             batch = np.stack((imgs * (args.batch // len(imgs) + 1))[: args.batch])

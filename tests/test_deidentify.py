@@ -290,15 +290,21 @@ def test_web_app_stores_no_phi(tmp_path, classifier, gray):
         r = c.post("/upload", data={"csrf_token": csrf, "patient_code": "EC-78"},
                    files=[("files", (PHI["file_name"] + ".zip", zbuf.getvalue(), "application/zip"))])
         assert r.status_code == 200
-        stored = [p for p in app.state.settings.data_dir.rglob("*") if p.is_file()]
+        assert c.get(str(r.url) + "/image.png").headers["content-type"] == "image/png"  # the preview, made on first view
+        data_dir = app.state.settings.data_dir
+        running = {p: p.read_bytes() for p in data_dir.rglob("*") if p.is_file()}  # with SQLite's write-ahead log
+    stored = [p for p in data_dir.rglob("*") if p.is_file()]
     assert any(p.suffix == ".dcm" for p in stored) and any(p.name == "app.db" for p in stored)
+    assert any(p.name.endswith("-wal") for p in running)
     leaks = {str(p.relative_to(tmp_path)): planted_in(p.read_bytes()) for p in stored}
+    leaks.update({str(p.relative_to(tmp_path)) + " (running)": planted_in(d) for p, d in running.items()})
     assert all(not v for v in leaks.values()), leaks
     for p in stored:
         if p.suffix == ".dcm":
             assert pydicom.dcmread(p).PatientIdentityRemoved == "YES"
-    # refused uploads left nothing on disk: 4 + 1 (ZIP) images, each with a preview and a heatmap
+    # refused uploads left nothing on disk: 4 + 1 (ZIP) images (previews are made on first view)
     assert len([p for p in stored if p.parent.name == "uploads" and ".preview" not in p.name and ".heatmap" not in p.name]) == 5
+    assert len([p for p in stored if ".preview" in p.name]) == 1
 
 
 def test_scrub_cleans_uploads_stored_by_older_versions(tmp_path, gray):

@@ -157,7 +157,7 @@ def test_unpack_gives_back_each_member_to_pair_with_a_new_model(tiny_run, second
         a, b = _outputs(Path(member), x), _outputs(original / "model.onnx", x)
         assert a.keys() == b.keys() and a["embedding"].shape == b["embedding"].shape
         for k in a:  # float16 storage of the tensors nearest the output is all that differs
-            np.testing.assert_allclose(a[k], b[k], atol=2e-3 * max(1.0, np.abs(b[k]).max()))
+            np.testing.assert_allclose(a[k], b[k], atol=4e-3 * max(1.0, np.abs(b[k]).max()))
         card = json.loads((Path(member).parent / "model_card.json").read_text())
         original_card = json.loads((original / "model_card.json").read_text())
         assert card["calibration"]["temperature"] == original_card["calibration"]["temperature"]

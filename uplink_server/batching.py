@@ -12,10 +12,12 @@ with nothing else in preparation it runs at once, alone.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -23,6 +25,9 @@ from .model import Classifier, Prediction
 
 DEFAULT_MAX_BATCH = 16
 DEFAULT_MAX_DELAY_MS = 5.0
+
+# set by DynamicBatcher.expecting() for the task whose request is on its way
+_ticket: contextvars.ContextVar = contextvars.ContextVar("batch_ticket", default=None)
 
 
 class DynamicBatcher:
@@ -39,9 +44,10 @@ class DynamicBatcher:
         self._queue: asyncio.Queue | None = None
         self._loop = None
         self._worker: asyncio.Task | None = None
-        self._preparing = 0
+        self._preparing = 0  # requests decoding or preprocessing, or announced by expecting()
         self.batch_sizes: Counter = Counter()  # batch size -> how many batches ran
         self.served = 0
+        self.model_s = 0.0  # time spent in model runs: busy share = model_s / wall time
 
     @property
     def name(self) -> str:
@@ -54,8 +60,29 @@ class DynamicBatcher:
     def status(self) -> dict:
         runs = sum(self.batch_sizes.values())
         return {"max_batch": self.max_batch, "max_delay_ms": self.max_delay * 1000, "served": self.served,
-                "batches": runs, "mean_batch": round(sum(k * v for k, v in self.batch_sizes.items()) / runs, 2) if runs else 0.0,
+                "batches": runs, "model_s": round(self.model_s, 2), "mean_batch": round(sum(k * v for k, v in self.batch_sizes.items()) / runs, 2) if runs else 0.0,
                 "queued": self._queue.qsize() if self._queue is not None else 0}
+
+    @contextmanager
+    def expecting(self):
+        """Announce a request that will reach ``predict`` soon (its upload is still being
+        stored): a batch being formed waits for it, within the window. Only until it
+        arrives, so an announced request waiting alone does not wait for itself."""
+        ticket = [True]
+        self._preparing += 1
+        token = _ticket.set(ticket)
+        try:
+            yield
+        finally:
+            _ticket.reset(token)
+            if ticket[0]:
+                self._preparing -= 1
+
+    def _arrived(self) -> None:
+        ticket = _ticket.get()
+        if ticket is not None and ticket[0]:
+            ticket[0] = False
+            self._preparing -= 1
 
     def _ensure_worker(self) -> None:
         loop = asyncio.get_running_loop()
@@ -69,16 +96,17 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         self._preparing += 1
+        self._arrived()
         try:
             prepared = await loop.run_in_executor(self._prep, self.classifier.prepare, source, name)
             if prepared.x is None:
                 return prepared.pred
             fut = loop.create_future()
-            self._queue.put_nowait((prepared.x, fut))
+            self._queue.put_nowait((prepared, fut))
         finally:
             self._preparing -= 1
-        probs, cam, emb = await fut
-        pred = await loop.run_in_executor(self._prep, self.classifier.finish, prepared, probs, cam, emb, heatmap)
+        probs, cam, score = await fut
+        pred = await loop.run_in_executor(self._prep, self.classifier.finish, prepared, probs, cam, score, heatmap)
         pred.elapsed_ms = (time.perf_counter() - t0) * 1000
         self.served += 1
         return pred
@@ -102,8 +130,7 @@ class DynamicBatcher:
                         break
             self.batch_sizes[len(batch)] += 1
             try:
-                logits, cams, embs = await loop.run_in_executor(self._model, self.classifier.run, np.stack([x for x, _ in batch]))
-                probs = self.classifier.probabilities(logits)
+                probs, cams, scores = await loop.run_in_executor(self._model, self._run, [p for p, _ in batch])
             except Exception as exc:  # a failed run fails its requests, not the batcher
                 for _, fut in batch:
                     if not fut.done():
@@ -111,7 +138,14 @@ class DynamicBatcher:
                 continue
             for i, (_, fut) in enumerate(batch):
                 if not fut.done():  # the request may have been cancelled
-                    fut.set_result((probs[i], None if cams is None else cams[i], None if embs is None else embs[i]))
+                    fut.set_result((probs[i], None if cams is None else cams[i], None if scores is None else scores[i]))
+
+    def _run(self, prepared: list):
+        t0 = time.perf_counter()
+        logits, cams, embs = self.classifier.run(np.stack([p.x for p in prepared]))
+        out = self.classifier.probabilities(logits), cams, self.classifier.gate_scores(prepared, embs)
+        self.model_s += time.perf_counter() - t0
+        return out
 
     def stop(self) -> None:
         """Stop the batch loop (it restarts with the next request)."""

@@ -72,7 +72,9 @@ class BrokerWorker:
         self.heartbeat_s, self.stall_s = heartbeat_s, stall_s
         self.in_flight: dict[str, tuple[float, object]] = {}  # job id -> (start, message)
         self.served = 0
+        self.redelivered = 0  # jobs another server had taken and not finished
         self.paused = False
+        self.stalled: set[str] = set()  # handed back, still running here
         self.connected = asyncio.Event()
         self._stop = asyncio.Event()
 
@@ -109,7 +111,7 @@ class BrokerWorker:
     def status(self) -> dict:
         oldest = min((t for t, _ in self.in_flight.values()), default=None)
         return {"name": self.name, "model": self.batcher.name, "version": self.batcher.version, "at": time.time(),
-                "served": self.served, "in_flight": len(self.in_flight), "paused": self.paused,
+                "served": self.served, "redelivered": self.redelivered, "in_flight": len(self.in_flight), "paused": self.paused,
                 "oldest_job_s": None if oldest is None else round(time.monotonic() - oldest, 1),
                 "batching": self.batcher.status()}
 
@@ -119,12 +121,13 @@ class BrokerWorker:
         stuck = [(jid, msg) for jid, (t, msg) in self.in_flight.items() if now - t > self.stall_s]
         for jid, msg in stuck:
             self.in_flight.pop(jid, None)
+            self.stalled.add(jid)
             log.warning("job %s stalled for over %.0f s: handing it back", jid, self.stall_s)
             await msg.nack(requeue=True)
         if stuck and not self.paused:
             self.paused = True
             await queue.cancel(self._tag)
-        elif self.paused and not any(now - t > self.stall_s / 2 for t, _ in self.in_flight.values()) and not stuck:
+        elif self.paused and not self.stalled:  # the stuck work finished: take jobs again
             self.paused = False
             self._tag = await queue.consume(self._on_job)
 
@@ -133,6 +136,7 @@ class BrokerWorker:
 
         job_id = message.correlation_id or ""
         self.in_flight[job_id] = (time.monotonic(), message)
+        self.redelivered += bool(message.redelivered)
         try:
             pred = await self.batcher.predict(message.body, str((message.headers or {}).get("filename", "")))
             body = {"result": pred.to_dict(), "served_by": self.name,
@@ -141,6 +145,7 @@ class BrokerWorker:
             log.exception("job %s failed", job_id)
             body = {"error": f"{type(exc).__name__}: {exc}", "served_by": self.name}
         if self.in_flight.pop(job_id, None) is None:
+            self.stalled.discard(job_id)
             return  # handed back as stalled: another server answers it
         if message.reply_to:
             await self._channel.default_exchange.publish(

@@ -49,5 +49,5 @@ def overlay(gray: np.ndarray, cam: np.ndarray, alpha: float = 0.45, max_side: in
 
 def to_png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=False)
+    img.save(buf, format="PNG", compress_level=1)  # speed over a few kB
     return buf.getvalue()

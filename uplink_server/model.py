@@ -109,6 +109,9 @@ class OnnxBackend:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # a server shares its cores with decoding, heatmaps and the web app: idle
+        # threads must sleep, not spin (spinning cost a third of the CPU under load)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return ort.InferenceSession(str(self.path), sess_options=opts, providers=ort.get_available_providers())
 
     def _run(self, sess, x: np.ndarray):
@@ -141,6 +144,7 @@ class Prepared:
     image: DecodedImage | None
     x: np.ndarray | None  # the preprocessed input; None when refused
     check_ood: bool = True
+    thumb: np.ndarray | None = None  # for the refusal gate
 
 
 class Classifier:
@@ -217,8 +221,9 @@ class Classifier:
         if ready:
             logits, cams, embs = self.run(np.stack([p.x for p in ready]))
             probs = self.probabilities(logits)
+            scores = self.gate_scores(ready, embs)
             for i, p in enumerate(ready):
-                self.finish(p, probs[i], None if cams is None else cams[i], None if embs is None else embs[i], heatmap)
+                self.finish(p, probs[i], None if cams is None else cams[i], None if scores is None else scores[i], heatmap)
         per_image = (time.perf_counter() - t0) * 1000 / max(1, len(sources))
         for p in prepared:
             p.pred.elapsed_ms = per_image
@@ -227,33 +232,42 @@ class Classifier:
     def prepare(self, source, name: str = "", check_ood: bool = True) -> "Prepared":
         """Decode, check and preprocess one upload: the per-image work before the
         model runs (a refusal here leaves ``x`` None)."""
-        pred = Prediction(file=name or (str(source) if not isinstance(source, (bytes, bytearray)) else ""),
+        pred = Prediction(file=name or (str(source) if isinstance(source, (str, Path)) else ""),
                           model=self.name, version=self.version)
         try:
-            image = decode(source)
+            image = source if isinstance(source, DecodedImage) else decode(source)
             if check_ood:
                 ood.check_image(image.gray, image.colorfulness)
-            return Prepared(pred, image, self.preprocess(image), check_ood)
+            thumb = ood.thumbnail(image.gray) if check_ood and self.gate is not None else None
+            return Prepared(pred, image, self.preprocess(image), check_ood, thumb)
         except Refusal as r:
             pred.refused, pred.refusal = True, r.to_dict()
             return Prepared(pred, None, None, check_ood)
 
-    def finish(self, p: "Prepared", probs: np.ndarray, cam, emb, heatmap: bool = True) -> Prediction:
-        """The per-image work after the model ran: the refusal gate, label, heatmap."""
-        self._finish(p.pred, p.image, probs, cam, emb, heatmap, p.check_ood)
-        return p.pred
+    def gate_scores(self, prepared: list["Prepared"], embs) -> np.ndarray | None:
+        """The refusal gate's scores for a batch at once (one matrix product, not one per image);
+        NaN where the gate does not apply."""
+        if self.gate is None or embs is None:
+            return None
+        scores = np.full(len(prepared), np.nan)
+        idx = [i for i, p in enumerate(prepared) if p.thumb is not None]
+        if idx:
+            scores[idx] = self.gate.score(np.asarray(embs)[idx], np.stack([prepared[i].thumb for i in idx]))
+        return scores
 
-    def _finish(self, pred: Prediction, image: DecodedImage, probs: np.ndarray, cam, emb, heatmap: bool,
-                check_ood: bool) -> None:
-        if check_ood and self.gate is not None and emb is not None:
-            pred.ood_score = float(self.gate.score(emb[None], ood.thumbnail(image.gray)[None])[0])
+    def finish(self, p: "Prepared", probs: np.ndarray, cam, ood_score: float | None = None, heatmap: bool = True) -> Prediction:
+        """The per-image work after the model ran: the refusal gate's verdict, label, heatmap."""
+        pred = p.pred
+        if ood_score is not None and not np.isnan(ood_score):
+            pred.ood_score = float(ood_score)
             if pred.ood_score > self.gate.threshold:
                 pred.refused, pred.refusal = True, Refusal("not_chest_xray").to_dict()
-                return
+                return pred
         k = int(probs.argmax())
         pred.label = self.classes[k]
-        pred.probabilities = {c: float(p) for c, p in zip(self.classes, probs)}
+        pred.probabilities = {c: float(v) for c, v in zip(self.classes, probs)}
         pred.uncertain = bool(probs[k] < self.uncertain_threshold)
         if heatmap and cam is not None:
             pred.heatmap = gradcam.normalize_cam(cam[k])
-            pred.heatmap_png = gradcam.to_png(gradcam.overlay(image.gray, pred.heatmap))
+            pred.heatmap_png = gradcam.to_png(gradcam.overlay(p.image.gray, pred.heatmap))
+        return pred

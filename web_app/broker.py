@@ -142,7 +142,8 @@ class BrokerClient:
                 continue  # long gone
             health = "gone" if age > 3 * HEARTBEAT_S else ("slow" if b.get("paused") else "ok")
             servers.append({"name": name, "model": b.get("model"), "version": b.get("version"), "health": health,
-                            "last_seen_s": round(age, 1), "served": b.get("served"), "in_flight": b.get("in_flight"),
+                            "last_seen_s": round(age, 1), "served": b.get("served"), "redelivered": b.get("redelivered"),
+                            "in_flight": b.get("in_flight"),
                             "mean_batch": (b.get("batching") or {}).get("mean_batch")})
         return {"url": redact(self.url), "node": self.node, "queue_depth": messages, "consumers": consumers,
                 "waiting_here": len(self.waiting), "servers": servers, "error": self.error}

@@ -13,6 +13,7 @@ from pathlib import Path
 from PIL import Image
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from uplink_server import deidentify
 from uplink_server.errors import Refusal
@@ -79,6 +80,22 @@ def expand_uploads(uploads: list[Upload], settings: Settings) -> list[Upload]:
     return out
 
 
+def preview_path(settings: Settings, case: Case) -> Path | None:
+    """The case's preview PNG, made on first view (most API uploads are never viewed)."""
+    if not case.image_path:
+        return None
+    path = settings.upload_dir / (Path(case.image_path).with_suffix("").name + ".preview.png")
+    if not path.is_file():
+        stored = settings.upload_dir / case.image_path
+        if not stored.is_file():
+            return None
+        try:
+            _save_preview(decode(stored), path)
+        except Refusal:
+            return None
+    return path
+
+
 def _save_preview(image: DecodedImage, path: Path) -> None:
     """What the user uploaded, as it came: in colour when it is a colour picture."""
     if image.pil is not None and image.colorfulness > 0.02:
@@ -86,7 +103,7 @@ def _save_preview(image: DecodedImage, path: Path) -> None:
     else:
         pil = Image.fromarray((image.gray * 255).clip(0, 255).astype("uint8"))
     pil.thumbnail((1024, 1024))
-    pil.save(path, format="PNG")
+    pil.save(path, format="PNG", compress_level=1)
 
 
 def create_case(db: Session, settings: Settings, user: User, upload: Upload, patient_code: str) -> Case:
@@ -98,7 +115,8 @@ def create_case(db: Session, settings: Settings, user: User, upload: Upload, pat
     file name is not kept (the case id names the stored file).
     """
     patient_code = (patient_code or "").strip()[:64]
-    case = Case(patient_code=patient_code, created_by=user.id, filename="", status="pending", uncertain=False)
+    case = Case(patient_code=patient_code, created_by=user.id, filename="", status="pending", uncertain=False,
+                job_id=uuid.uuid4().hex)
     db.add(case)
     db.flush()  # the id names the stored file
     try:
@@ -109,13 +127,14 @@ def create_case(db: Session, settings: Settings, user: User, upload: Upload, pat
     except Refusal as r:
         case.filename = f"case-{case.id}"
         case.status, case.refusal_code, case.refusal_message = "refused", r.code, r.message
+        case.job_id = None
         db.add(AuditLog(user_id=user.id, action="upload", case_id=case.id,
                         detail={"refused": r.code, "bytes": len(upload.data)}))
         db.commit()
         return case
     stem = f"{case.id}-{uuid.uuid4().hex[:12]}"
     (settings.upload_dir / f"{stem}{stored.ext}").write_bytes(stored.data)
-    _save_preview(image, settings.upload_dir / f"{stem}.preview.png")
+    case.decoded = image  # not stored: spares the in-process model decoding the same pixels again
     case.image_path, case.filename = f"{stem}{stored.ext}", f"case-{case.id}{stored.ext}"
     db.add(AuditLog(user_id=user.id, action="upload", case_id=case.id,
                     detail={"format": stored.format, "bytes": len(upload.data)}))
@@ -126,25 +145,32 @@ def create_case(db: Session, settings: Settings, user: User, upload: Upload, pat
 async def classify_case(db: Session, settings: Settings, router: ModelRouter, case: Case, user: User) -> Case:
     """Run the model on a stored case; a missing model leaves it pending, nothing lost.
 
-    Each attempt is a job with its own id, recorded on the case; the result is
-    written only while the case still waits for that job, so a job answered
-    twice (redelivered by the broker) changes the case once.
+    The case waits for a job id (set when it is stored, renewed once an answer
+    has been written); the answer is written only while the case still waits
+    for that job, so a job answered twice (redelivered by the broker) changes
+    the case once. The database and file work runs off the event loop.
     """
     if not case.image_path:
         return case
-    data = (settings.upload_dir / case.image_path).read_bytes()
-    job = Job(uuid.uuid4().hex, case.id, user.id)
-    case.job_id = job.id
-    db.commit()
+    data = await run_in_threadpool((settings.upload_dir / case.image_path).read_bytes)
+    if case.job_id is None:  # a retry of an answered case: a new attempt
+        case.job_id = uuid.uuid4().hex
+        await run_in_threadpool(db.commit)
+    job = Job(case.job_id, case.id, user.id)
     try:
-        outcome = await router.predict(data, case.filename, job)
+        # the stored file holds the same pixels as the upload decoded moments ago
+        outcome = await router.predict(data, case.filename, job, decoded=getattr(case, "decoded", None))
     except ModelUnavailable:
-        return _mark_pending(db, case, job.id, "model_unavailable")
+        return await run_in_threadpool(_mark_pending, db, case, job.id, "model_unavailable")
     except JobPending:
-        return _mark_pending(db, case, job.id, "queued")
-    apply_outcome(db, settings, job, outcome)
-    db.refresh(case)
-    return case
+        return await run_in_threadpool(_mark_pending, db, case, job.id, "queued")
+
+    def write() -> Case:
+        apply_outcome(db, settings, job, outcome)
+        db.refresh(case)
+        return case
+
+    return await run_in_threadpool(write)
 
 
 def _mark_pending(db: Session, case: Case, job_id: str, code: str) -> Case:

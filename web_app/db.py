@@ -128,6 +128,11 @@ def make_engine(url: str):
     def _sqlite_pragmas(dbapi_conn, _record):
         # deleted or overwritten rows are zeroed on disk, not left in free pages
         dbapi_conn.execute("PRAGMA secure_delete = ON")
+        # write-ahead log: readers do not wait for writers, and a commit costs one
+        # append (NORMAL survives a crash of the app; a power cut may lose the last commits)
+        dbapi_conn.execute("PRAGMA journal_mode = WAL")
+        dbapi_conn.execute("PRAGMA synchronous = NORMAL")
+        dbapi_conn.execute("PRAGMA busy_timeout = 15000")
 
     return engine
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 from fastapi import Depends, HTTPException, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -10,6 +12,8 @@ from . import audit
 from .db import ApiToken, User, utcnow
 from .i18n import LANGUAGES, negotiate, translate
 from .security import can, hash_token, new_csrf_token, same
+
+LAST_USED_RESOLUTION = dt.timedelta(minutes=1)
 
 
 def get_db(request: Request):
@@ -48,8 +52,10 @@ def api_user(request: Request, db: Session = Depends(get_db)) -> User:
         tok = db.scalar(select(ApiToken).where(ApiToken.token_hash == hash_token(auth[7:].strip())))
         state = "unknown" if tok is None else ("inactive_user" if not tok.user.active else tok.state())
         if state == "active":
-            tok.last_used = utcnow()
-            db.commit()
+            now = utcnow()
+            if tok.last_used is None or now - tok.last_used > LAST_USED_RESOLUTION:
+                tok.last_used = now  # not on every call: a write per request would cost more than the request
+                db.commit()
             return tok.user
         audit.record(db, "token_rejected", tok.user if tok else None, request, reason=state,
                      **({"token": tok.name, "token_id": tok.id} if tok else {}))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import itertools
 import logging
 import uuid
@@ -114,6 +115,10 @@ class ModelRouter:
                          "in_flight": len(u.pending)} for u in self.uplinks.values()],
         }
 
+    def expecting(self):
+        """Around the handling of an upload: the in-process batcher may wait for it."""
+        return self.batcher.expecting() if self.batcher is not None else contextlib.nullcontext()
+
     async def full_status(self) -> dict:
         out = self.status()
         out["broker"] = None if self.broker is None else await self.broker.status()
@@ -150,7 +155,7 @@ class ModelRouter:
                 self.remove(conn, str(exc))
         return None
 
-    async def predict(self, data: bytes, filename: str, job: Job | None = None) -> Outcome:
+    async def predict(self, data: bytes, filename: str, job: Job | None = None, decoded=None) -> Outcome:
         """Free websocket model servers, then the broker's, then the in-process
         model, then busy websocket servers. Raises ModelUnavailable, or
         JobPending when a broker job outlives the timeout (it still completes)."""
@@ -173,7 +178,7 @@ class ModelRouter:
                     return Outcome(result, png, f"broker:{body.get('served_by', '')}")
                 log.warning("model server %s failed job %s: %s", body.get("served_by"), job.id, body["error"])
         if self.batcher is not None:
-            pred = await self.batcher.predict(data, filename)
+            pred = await self.batcher.predict(data if decoded is None else decoded, filename)
             return Outcome(pred.to_dict(), pred.heatmap_png, "local")
         if (out := await self._try_uplinks(busy, data, filename)) is not None:
             return out

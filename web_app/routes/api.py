@@ -15,6 +15,7 @@ from fastapi import (
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from uplink_server import NOTICE
 
@@ -83,9 +84,11 @@ async def predict(request: Request, file: UploadFile = File(...), patient_code: 
                             status_code=exc.status)
     if len(items) != 1:
         raise HTTPException(400, "send one image per request (ZIP archives are for the upload page)")
-    case = create_case(db, settings, user, items[0], patient_code)
-    if case.status == "pending":
-        case = await classify_case(db, settings, request.app.state.router, case, user)
+    # decoding and de-identifying is CPU work: off the event loop
+    with request.app.state.router.expecting():
+        case = await run_in_threadpool(create_case, db, settings, user, items[0], patient_code)
+        if case.status == "pending":
+            case = await classify_case(db, settings, request.app.state.router, case, user)
     body = {**case_dict(case), "case_id": case.id, "notice": NOTICE}
     if case.status == "refused":
         body["refusal"]["message"] = refusal_text(case.refusal_code, lang_of(request), case.refusal_message)
@@ -100,9 +103,11 @@ async def predict(request: Request, file: UploadFile = File(...), patient_code: 
 
 
 @router.get("/cases", response_model=list[CaseOut])
-def list_cases(request: Request, q: str = "", date_from: str = "", date_to: str = "", limit: int = Query(100, le=1000),
-               user: User = Depends(api_user), db: Session = Depends(get_db)):
-    return [case_dict(c) for c in db.scalars(_filtered(db, user, q, date_from, date_to).limit(limit)).all()]
+def list_cases(request: Request, q: str = "", date_from: str = "", date_to: str = "", limit: int = Query(100, ge=1, le=1000),
+               offset: int = Query(0, ge=0), user: User = Depends(api_user), db: Session = Depends(get_db)):
+    """Newest first; page with ``offset``."""
+    query = _filtered(db, user, q, date_from, date_to).limit(limit).offset(offset)
+    return [case_dict(c) for c in db.scalars(query).all()]
 
 
 @router.get("/cases/{case_id}", response_model=CaseOut)

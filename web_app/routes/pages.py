@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-from pathlib import Path
 
 from fastapi import (
     APIRouter,
@@ -17,6 +16,7 @@ from fastapi import (
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from uplink_server import NOTICE
 
@@ -27,6 +27,7 @@ from ..cases import (
     create_case,
     expand_uploads,
     export_csv,
+    preview_path,
     read_upload,
     visible_cases,
 )
@@ -132,9 +133,10 @@ async def upload(request: Request, files: list[UploadFile] = File(default=[]), p
         return render(request, "upload.html", user, error=msg, status=exc.status)
     ids = []
     for item in items:
-        case = create_case(db, settings, user, item, patient_code)
-        if case.status == "pending":
-            await classify_case(db, settings, request.app.state.router, case, user)
+        with request.app.state.router.expecting():
+            case = await run_in_threadpool(create_case, db, settings, user, item, patient_code)
+            if case.status == "pending":
+                await classify_case(db, settings, request.app.state.router, case, user)
         ids.append(case.id)
     if len(ids) == 1:
         return RedirectResponse(f"/cases/{ids[0]}", status_code=303)
@@ -171,10 +173,10 @@ def report(case_id: int, request: Request, user: User = Depends(page_user), db: 
 
 
 @router.get("/cases/{case_id}/image.png")
-def case_image(case_id: int, request: Request, user: User = Depends(page_user), db: Session = Depends(get_db)):
+async def case_image(case_id: int, request: Request, user: User = Depends(page_user), db: Session = Depends(get_db)):
     case = _get_case(db, user, case_id)
-    p = request.app.state.settings.upload_dir / (Path(case.image_path).with_suffix("").name + ".preview.png")
-    if not case.image_path or not p.is_file():
+    p = await run_in_threadpool(preview_path, request.app.state.settings, case)
+    if p is None:
         raise HTTPException(404)
     return FileResponse(p, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
