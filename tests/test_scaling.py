@@ -23,6 +23,7 @@ import pytest
 
 from .conftest import REPO
 from .webapp_helpers import _run_client_in_thread, live_app, new_token, sign_in
+from .webapp_helpers import wait_until as _wait
 
 BROKER = os.environ.get("CXR_TEST_BROKER", "amqp://guest:guest@127.0.0.1:5672/")
 
@@ -165,17 +166,15 @@ def _rogue(prefix: str) -> subprocess.Popen:
     return p
 
 
-def _wait(pred, timeout=30.0):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def _broker_app(tmp_path, prefix, node="n1", **over):
     return live_app(tmp_path, classifier=None, broker_url=BROKER, broker_prefix=prefix, node_name=node, **over)
+
+
+def _connected(app, base):
+    """Wait for the web node's broker link; (signed-in admin client, API token header)."""
+    assert _wait(lambda: app.state.router.broker is not None)
+    c, csrf = sign_in(base)
+    return c, {"Authorization": f"Bearer {new_token(c, csrf)}"}
 
 
 def _classify_entries(app, case_id) -> int:
@@ -188,9 +187,7 @@ def _classify_entries(app, case_id) -> int:
 @needs_broker
 def test_jobs_round_trip_and_a_repeated_job_is_written_once(tmp_path, classifier, one_xray, prefix):
     with _broker_app(tmp_path / "d", prefix) as (app, base):
-        assert _wait(lambda: app.state.router.broker is not None)
-        c, csrf = sign_in(base)
-        h = {"Authorization": f"Bearer {new_token(c, csrf)}"}
+        c, h = _connected(app, base)
         worker = WorkerThread(classifier, prefix)
         try:
             r = httpx.post(f"{base}/api/v1/predict", headers=h, files={"file": ("a.jpeg", one_xray.read_bytes())}, timeout=60)
@@ -239,9 +236,7 @@ async def _publish_job(prefix, job_id, case_id, app):
 @needs_broker
 def test_a_model_server_killed_mid_job_has_its_job_redelivered(tmp_path, classifier, one_xray, prefix):
     with _broker_app(tmp_path / "d", prefix) as (app, base):
-        assert _wait(lambda: app.state.router.broker is not None)
-        c, csrf = sign_in(base)
-        h = {"Authorization": f"Bearer {new_token(c, csrf)}"}
+        c, h = _connected(app, base)
         rogue = _rogue(prefix)
         out = {}
         th = threading.Thread(target=lambda: out.update(r=httpx.post(

@@ -7,14 +7,13 @@ import base64
 import io
 import json
 import threading
-import time
 import zipfile
 
 import numpy as np
 import pytest
 
 from .test_imaging import make_dicom
-from .webapp_helpers import ADMIN, _run_client_in_thread, add_user, csrf_of, live_app, new_token, sign_in
+from .webapp_helpers import ADMIN, _run_client_in_thread, add_user, csrf_of, live_app, new_token, sign_in, wait_until
 
 
 @pytest.fixture()
@@ -173,13 +172,7 @@ def _api(base, app_client_pair=None):
     return httpx.Client(base_url=base, headers={"Authorization": f"Bearer {new_token(c, csrf)}"}, timeout=60)
 
 
-def _wait(pred, timeout=20.0):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if pred():
-            return True
-        time.sleep(0.1)
-    return False
+_wait = wait_until
 
 
 def test_remote_model_server_serves_and_reconnects(tmp_path, tiny_model, one_xray):

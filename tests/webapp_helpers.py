@@ -76,3 +76,13 @@ def _run_client_in_thread(client):
     th = threading.Thread(target=lambda: loop.run_until_complete(client.run_forever()), daemon=True)
     th.start()
     return loop, th
+
+
+def wait_until(pred, timeout: float = 30.0) -> bool:
+    """Poll pred() until true or timeout (for things that happen on other threads or processes)."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False

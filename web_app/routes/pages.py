@@ -194,12 +194,17 @@ def _filtered(db, user, q: str, date_from: str, date_to: str):
     if q:
         query = query.where(Case.patient_code.ilike(f"%{q.strip()}%"))
     try:
-        if date_from:
-            query = query.where(Case.created_at >= dt.datetime.fromisoformat(date_from))
-        if date_to:
-            query = query.where(Case.created_at < dt.datetime.fromisoformat(date_to) + dt.timedelta(days=1))
+        return _in_days(query, Case.created_at, date_from, date_to)
     except ValueError:
-        pass
+        return query  # a half-typed date in the search box: no date filter
+
+
+def _in_days(query, column, date_from: str, date_to: str):
+    """Rows from the start of date_from to the end of date_to (YYYY-MM-DD, either may be empty)."""
+    if date_from:
+        query = query.where(column >= dt.datetime.fromisoformat(date_from))
+    if date_to:
+        query = query.where(column < dt.datetime.fromisoformat(date_to) + dt.timedelta(days=1))
     return query
 
 
@@ -300,13 +305,9 @@ def _audit_query(action: str, email: str, date_from: str, date_to: str):
     if email:
         q = q.join(User, AuditLog.user_id == User.id).where(User.email.ilike(f"%{email.strip()}%"))
     try:
-        if date_from:
-            q = q.where(AuditLog.at >= dt.datetime.fromisoformat(date_from))
-        if date_to:
-            q = q.where(AuditLog.at < dt.datetime.fromisoformat(date_to) + dt.timedelta(days=1))
+        return _in_days(q, AuditLog.at, date_from, date_to)
     except ValueError:
         raise HTTPException(400, "dates are YYYY-MM-DD") from None
-    return q
 
 
 @router.get("/admin/audit")
