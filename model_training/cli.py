@@ -120,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--out", required=True)
     fg = sub.add_parser("fit-gate", help="(re)fit a run's 'is this a chest X-ray' gate from its exported model and split")
     fg.add_argument("--run", required=True)
+    un = sub.add_parser("uncertainty", help="choose on the validation split when results are flagged uncertain "
+                                            "(margin between the top two classes) and write it into the model card")
+    un.add_argument("--model", required=True)
+    un.add_argument("--data", default=None, help="manifest with the validation split (default: the splits beside the model)")
+    un.add_argument("--target-error", type=float, default=0.02, help="most errors allowed among results not flagged (default 0.02)")
+    un.add_argument("--write-card", action="store_true", help="record the rule in the model's card (.json and .md)")
+    un.add_argument("--no-progress", action="store_true")
     sub.add_parser("archs", help="list registered architectures")
     return ap
 
@@ -197,6 +204,16 @@ def main(argv: list[str] | None = None) -> int:
 
             gate = refit_gate(Path(args.run))
             print(f"gate threshold {gate.threshold:.4f} written to {Path(args.run) / 'ood.npz'}")
+        elif args.cmd == "uncertainty":
+            from uplink_server.model import ModelNotFound
+
+            from .uncertainty import choose, describe
+
+            try:
+                rule = choose(Path(args.model), args.data, args.target_error, args.write_card, progress=not args.no_progress)
+            except (ModelNotFound, FileNotFoundError) as exc:
+                raise DataError(str(exc)) from None
+            print(describe(rule) + (" Written to the card." if args.write_card else ""))
         elif args.cmd == "compare":
             from .compare import compare
 

@@ -101,7 +101,8 @@ def card_markdown(card: dict) -> str:
               f"- Training time: {card['training']['minutes']} min, {card['training']['epochs_run']} epochs (best {card['training']['best_epoch']})",
               f"- Calibration: temperature {card['calibration']['temperature']:.3f}; validation ECE {card['calibration']['ece_val_before']:.4f} -> {card['calibration']['ece_val_after']:.4f}"
               + (f"; test ECE {card['calibration']['ece_test_before']:.4f} -> {card['calibration']['ece_test_after']:.4f}" if "ece_test_before" in card["calibration"] else ""),
-              f"- Uncertain below top probability {card['uncertain_threshold']}"]
+              (f"- Uncertain when the top two classes are within {card['uncertainty']['threshold']:.3f} (see *Uncertainty rule*)"
+               if card.get("uncertainty") else f"- Uncertain below top probability {card['uncertain_threshold']}")]
     for i, mem in enumerate(card.get("members", [])):
         lines.append(f"- Member {i}: {mem['name']} {mem['version']} (`{mem['model']}`), best epoch {mem['best_epoch']}, "
                      f"validation loss {_fmt(mem['val_loss_at_best_epoch'])}; trained with `{mem['command']}`")

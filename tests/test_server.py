@@ -39,12 +39,39 @@ def test_calibration_temperature_applied(classifier, one_xray):
 
 def test_uncertain_when_below_threshold(tiny_model, one_xray):
     from uplink_server.model import Classifier
+    from uplink_server.uncertainty import UncertaintyRule
 
     clf = Classifier(tiny_model)
-    clf.uncertain_threshold = 1.01  # nothing is that sure
+    clf.uncertainty = UncertaintyRule("top_probability", 1.01)  # nothing is that sure
     assert clf.predict(one_xray, check_ood=False).uncertain is True
-    clf.uncertain_threshold = 0.0
+    clf.uncertainty = UncertaintyRule("top_probability", 0.0)
+    pred = clf.predict(one_xray, check_ood=False)
+    assert pred.uncertain is False
+    top = sorted(pred.probabilities.values(), reverse=True)
+    assert abs(pred.margin - (top[0] - top[1])) < 1e-9
+    clf.uncertainty = UncertaintyRule("margin", pred.margin + 0.01)  # a near tie by the card's margin rule
+    assert clf.predict(one_xray, check_ood=False).uncertain is True
+    clf.uncertainty = UncertaintyRule("margin", pred.margin - 0.01)
     assert clf.predict(one_xray, check_ood=False).uncertain is False
+    with pytest.raises(ValueError):
+        UncertaintyRule.from_card({"uncertainty": {"rule": "vibes", "threshold": 1}})
+
+
+def test_margin_rule_is_chosen_on_validation_like_data():
+    import numpy as np
+
+    from model_training.uncertainty import fit_margin_rule
+
+    rng = np.random.default_rng(0)
+    # 200 confident right answers, 20 near ties of which half are wrong
+    sure = np.tile([0.9, 0.06, 0.04], (200, 1))
+    ties = np.tile([0.48, 0.44, 0.08], (20, 1))
+    labels = np.r_[np.zeros(200, int), np.where(rng.permutation(20) < 10, 1, 0)]
+    rule = fit_margin_rule(np.r_[sure, ties], labels, target_error=0.02)
+    assert 0.04 < rule["threshold"] <= 0.84  # flags the ties, not the sure ones
+    assert rule["validation"]["share_uncertain"] == round(20 / 220, 4) and rule["validation"]["error_confident"] == 0.0
+    with pytest.raises(ValueError):
+        fit_margin_rule(sure, np.zeros(200, int), target_error=1.5)
 
 
 def test_heatmap_is_informative_and_input_dependent(classifier, xray_paths):

@@ -114,7 +114,7 @@ def cmd_info(args) -> int:
     clf = Classifier(args.model)
     print(json.dumps({"name": clf.name, "version": clf.version, "classes": clf.classes, "path": str(clf.path),
                       "preprocessing": clf.spec.to_dict(), "temperature": clf.temperature,
-                      "uncertain_threshold": clf.uncertain_threshold, "ood_gate": clf.gate is not None}, indent=2))
+                      "uncertainty": {"rule": clf.uncertainty.rule, "threshold": clf.uncertainty.threshold}, "ood_gate": clf.gate is not None}, indent=2))
     return 0
 
 

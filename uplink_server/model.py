@@ -15,6 +15,7 @@ from . import gradcam, ood
 from .errors import Refusal
 from .imaging import DecodedImage, decode
 from .preprocessing import PreprocessSpec, preprocess
+from .uncertainty import UncertaintyRule, margin
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS_DIR = REPO_ROOT / "weights"
@@ -45,6 +46,7 @@ class Prediction:
     label: str | None = None
     probabilities: dict[str, float] = field(default_factory=dict)
     uncertain: bool = False
+    margin: float | None = None  # top probability minus the runner-up's
     refused: bool = False
     refusal: dict | None = None
     model: str = ""
@@ -65,6 +67,7 @@ class Prediction:
             "outcome": self.outcome,
             "probabilities": self.probabilities,
             "uncertain": self.uncertain,
+            "margin": None if self.margin is None else round(self.margin, 4),
             "refused": self.refused,
             "refusal": self.refusal,
             "model": self.model,
@@ -172,7 +175,7 @@ class Classifier:
         self.classes: list[str] = list(card["classes"])
         self.spec = PreprocessSpec.from_dict(card["preprocessing"])
         self.temperature = float(card.get("calibration", {}).get("temperature", 1.0))
-        self.uncertain_threshold = float(card.get("uncertain_threshold", 0.0))
+        self.uncertainty = UncertaintyRule.from_card(card)
         self.name = card.get("name", path.stem)
         self.version = str(card.get("version", ""))
         self.gate = None
@@ -266,7 +269,8 @@ class Classifier:
         k = int(probs.argmax())
         pred.label = self.classes[k]
         pred.probabilities = {c: float(v) for c, v in zip(self.classes, probs)}
-        pred.uncertain = bool(probs[k] < self.uncertain_threshold)
+        pred.margin = margin(probs)
+        pred.uncertain = self.uncertainty.is_uncertain(probs)
         if heatmap and cam is not None:
             pred.heatmap = gradcam.normalize_cam(cam[k])
             pred.heatmap_png = gradcam.to_png(gradcam.overlay(p.image.gray, pred.heatmap))

@@ -132,9 +132,19 @@ def create_app(settings: Settings | None = None, classifier="auto") -> FastAPI:
             return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
         lang = request.session.get("lang", "en") if "session" in request.scope else "en"
         msg = {403: translate("forbidden", lang), 404: translate("not_found", lang)}.get(exc.status_code, str(exc.detail))
-        return HTMLResponse(templates.get_template("error.html").render(request=request, message=msg, t=lambda k: translate(k, lang),
-                                                                         lang=lang, user=None, status=exc.status_code),
-                            status_code=exc.status_code)
+        user = None  # signed-in users keep their navigation on error pages
+        if "session" in request.scope and request.session.get("user_id"):
+            with SessionLocal() as db:
+                user = db.get(User, request.session["user_id"])
+                user = user if user is not None and user.active else None
+        from .deps import csrf_token
+        from .security import can
+
+        html = templates.get_template("error.html").render(
+            request=request, message=msg, t=lambda k: translate(k, lang), lang=lang, user=user, status=exc.status_code,
+            can=lambda p: user is not None and can(user.role, p), csrf=csrf_token(request) if "session" in request.scope else "",
+            notice=translate("notice", lang))
+        return HTMLResponse(html, status_code=exc.status_code)
 
     @app.exception_handler(Exception)
     async def _any(request: Request, exc: Exception):  # never a stack trace to the user

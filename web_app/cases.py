@@ -231,6 +231,13 @@ def visible_cases(db: Session, user: User, can_view_all: bool):
     return q
 
 
+def _margin(probs: dict | None) -> float | None:
+    if not probs:
+        return None
+    top = sorted(probs.values(), reverse=True)
+    return round(top[0] - (top[1] if len(top) > 1 else 0.0), 4)
+
+
 def case_dict(case: Case) -> dict:
     return {
         "id": case.id,
@@ -241,6 +248,7 @@ def case_dict(case: Case) -> dict:
         "label": case.label,
         "probabilities": case.probabilities,
         "uncertain": case.uncertain,
+        "margin": _margin(case.probabilities),
         "refused": case.status == "refused",
         "refusal": {"code": case.refusal_code, "message": case.refusal_message} if case.refusal_code else None,
         "risk": case.risk,
@@ -294,3 +302,27 @@ def scrub_stored(db: Session, settings: Settings) -> dict:
         counts["rewritten"] += 1
     db.commit()
     return counts
+
+
+def rotate_stored(settings: Settings, case: Case) -> None:
+    """Turn the stored (de-identified) image a quarter clockwise, in place."""
+    path = settings.upload_dir / case.image_path
+    if path.suffix == ".dcm":
+        import numpy as np
+        import pydicom
+
+        ds = pydicom.dcmread(path)
+        if ds.file_meta.TransferSyntaxUID.is_compressed:
+            ds.decompress()
+        arr = ds.pixel_array
+        axes = (1, 2) if int(ds.get("NumberOfFrames", 1) or 1) > 1 else (0, 1)
+        rot = np.ascontiguousarray(np.rot90(arr, -1, axes=axes))
+        ds.PixelData = rot.tobytes()
+        ds.Rows, ds.Columns = ds.Columns, ds.Rows
+        ds.save_as(path, enforce_file_format=True)
+    else:
+        with Image.open(path) as img:
+            img.load()
+            img.transpose(Image.Transpose.ROTATE_270).save(path, format="PNG", compress_level=1)
+    preview = settings.upload_dir / (Path(case.image_path).with_suffix("").name + ".preview.png")
+    preview.unlink(missing_ok=True)  # made again on the next view

@@ -28,7 +28,8 @@ class Settings:
     max_batch: int = 16  # dynamic batching of the in-process model
     broker_url: str | None = None  # amqp://... : model servers behind RabbitMQ
     broker_prefix: str = "cxr"  # queue and exchange names, so several installs can share a broker
-    node_name: str = ""  # this web node's name: its result queue; stable across restarts
+    node_name: str = ""
+    clinic_name: str = ""  # printed on reports  # this web node's name: its result queue; stable across restarts
     batch_delay_ms: float = 5.0
 
     @property
@@ -65,6 +66,7 @@ class Settings:
             broker_url=os.environ.get("CXR_BROKER_URL") or None,
             broker_prefix=os.environ.get("CXR_BROKER_PREFIX", "cxr"),
             node_name=os.environ.get("CXR_NODE") or socket.gethostname(),
+            clinic_name=os.environ.get("CXR_CLINIC_NAME", ""),
             batch_delay_ms=float(os.environ.get("CXR_BATCH_DELAY_MS", "5")),
         )
         for k, v in over.items():

@@ -11,7 +11,7 @@ STRINGS: dict[str, dict[str, str]] = {
         "es": "Solo apoyo al tamizaje, no es un diagnóstico. Todo resultado debe ser confirmado por un profesional clínico calificado.",
     },
     "sign_in": {"en": "Sign in", "es": "Iniciar sesión"},
-    "sign_out": {"en": "Sign out", "es": "Cerrar sesión"},
+    "sign_out": {"en": "Sign out", "es": "Salir"},
     "email": {"en": "Email", "es": "Correo electrónico"},
     "password": {"en": "Password", "es": "Contraseña"},
     "bad_login": {"en": "Wrong email or password.", "es": "Correo o contraseña incorrectos."},
@@ -117,6 +117,64 @@ STRINGS: dict[str, dict[str, str]] = {
     "audit_export": {"en": "export", "es": "exportación"},
     "audit_audit_export": {"en": "audit log exported", "es": "registro de auditoría exportado"},
     "audit_user_added": {"en": "user added", "es": "usuario agregado"},
+    "audit_user_updated": {"en": "user changed", "es": "usuario modificado"},
+    "nav_upload": {"en": "New X-ray", "es": "Nueva"},
+    "nav_worklist": {"en": "Worklist", "es": "Lista"},
+    "nav_admin": {"en": "Admin", "es": "Admin."},
+    "uncertain_between": {"en": "Uncertain: {a} or {b}", "es": "Incierto: {a} o {b}"},
+    "uncertain_help": {"en": "The model cannot tell these apart on this image (the top two are {gap} points apart). A clinician must read it.",
+                       "es": "El modelo no logra distinguirlos en esta imagen (los dos primeros difieren en {gap} puntos). Debe leerla un profesional."},
+    "most_likely": {"en": "Most likely", "es": "Lo más probable"},
+    "uncertain_short": {"en": "uncertain", "es": "incierto"},
+    "next_step": {"en": "What to do", "es": "Qué hacer"},
+    "next_xray": {"en": "Next X-ray", "es": "Siguiente radiografía"},
+    "analyzing": {"en": "Analyzing…", "es": "Analizando…"},
+    "no_code_warning": {"en": "No patient code: without it this study cannot be traced to the patient. Type a code, or press Analyze again to continue without one.",
+                        "es": "Sin código de paciente: sin él no se puede relacionar este estudio con el paciente. Escriba un código, o pulse Analizar otra vez para seguir sin él."},
+    "no_code_given": {"en": "No patient code was given for this study.", "es": "No se indicó código de paciente para este estudio."},
+    "batch_summary": {"en": "{done} analysed, {refused} refused, {pending} waiting", "es": "{done} analizadas, {refused} rechazadas, {pending} en espera"},
+    "heatmap_caption": {"en": "Heatmap: the regions that most drove the result (Grad-CAM). It shows where the model looked, not where disease is.",
+                        "es": "Mapa de calor: las regiones que más influyeron en el resultado (Grad-CAM). Muestra dónde miró el modelo, no dónde está la enfermedad."},
+    "legend_low": {"en": "less influence", "es": "menos influencia"},
+    "legend_high": {"en": "more influence", "es": "más influencia"},
+    "clinic": {"en": "Clinic", "es": "Centro de salud"},
+    "reviewed_by": {"en": "Reviewed by (name, signature, date)", "es": "Revisado por (nombre, firma, fecha)"},
+    "not_reviewed": {"en": "Not yet reviewed by a clinician.", "es": "Aún no revisado por un profesional."},
+    "uncertainty": {"en": "Uncertainty", "es": "Incertidumbre"},
+    "confident": {"en": "The model's two most likely classes are {gap} points apart.", "es": "Las dos clases más probables del modelo difieren en {gap} puntos."},
+    "role_admin": {"en": "Administrator", "es": "Administrador"},
+    "role_doctor": {"en": "Doctor", "es": "Médico"},
+    "role_technician": {"en": "Technician", "es": "Tecnólogo"},
+    "user_added": {"en": "User {email} added as {role}.", "es": "Usuario {email} agregado como {role}."},
+    "user_updated": {"en": "User {email} updated.", "es": "Usuario {email} actualizado."},
+    "active": {"en": "Active", "es": "Activo"},
+    "deactivate": {"en": "Deactivate", "es": "Desactivar"},
+    "reactivate": {"en": "Reactivate", "es": "Reactivar"},
+    "new_password": {"en": "New password", "es": "Nueva contraseña"},
+    "reset_password": {"en": "Set password", "es": "Cambiar contraseña"},
+    "inactive": {"en": "inactive", "es": "inactivo"},
+    # what to do next, per refusal code
+    "n_empty_file": {"en": "Export the image again and upload the new file.", "es": "Exporte la imagen de nuevo y suba el archivo nuevo."},
+    "n_not_an_image": {"en": "Upload the X-ray itself: a JPEG or PNG export, or the original DICOM from the X-ray system.", "es": "Suba la radiografía misma: una exportación JPEG o PNG, o el DICOM original del equipo."},
+    "n_unsupported_format": {"en": "Save it as JPEG or PNG, or upload the original DICOM.", "es": "Guárdela como JPEG o PNG, o suba el DICOM original."},
+    "n_corrupt_image": {"en": "Upload the original DICOM from the X-ray system, or export the image again.", "es": "Suba el DICOM original del equipo de rayos X, o exporte la imagen de nuevo."},
+    "n_invalid_dicom": {"en": "Export the study again from the X-ray system or PACS.", "es": "Exporte el estudio de nuevo desde el equipo de rayos X o el PACS."},
+    "n_burned_in_annotation": {"en": "Export the image without annotations (or a de-identified copy) and upload that.", "es": "Exporte la imagen sin anotaciones (o una copia sin identificación) y súbala."},
+    "n_deidentification_failed": {"en": "Export the study again from the X-ray system or PACS.", "es": "Exporte el estudio de nuevo desde el equipo de rayos X o el PACS."},
+    "n_file_too_large": {"en": "Upload a smaller export (JPEG or PNG) or a single DICOM image.", "es": "Suba una exportación más pequeña (JPEG o PNG) o una sola imagen DICOM."},
+    "n_too_many_pixels": {"en": "Upload a smaller export (JPEG or PNG) of the X-ray.", "es": "Suba una exportación más pequeña (JPEG o PNG) de la radiografía."},
+    "n_image_too_small": {"en": "Upload the full-size image or the original DICOM.", "es": "Suba la imagen en tamaño completo o el DICOM original."},
+    "n_unsupported_dicom": {"en": "Export it from the X-ray system uncompressed, or as JPEG/PNG.", "es": "Expórtela del equipo sin compresión, o como JPEG/PNG."},
+    "n_not_xray_modality": {"en": "Upload a chest radiograph (CR/DX), not a CT or MR image.", "es": "Suba una radiografía de tórax (CR/DX), no una imagen de TC o RM."},
+    "n_lateral_view": {"en": "Upload the frontal view (PA or AP) of the same study.", "es": "Suba la proyección frontal (PA o AP) del mismo estudio."},
+    "n_blank_image": {"en": "Check the exposure and retake, or upload the original DICOM.", "es": "Revise la exposición y repita la toma, o suba el DICOM original."},
+    "n_color_photo": {"en": "Upload the X-ray file itself (the original DICOM is best), not a photo of a screen or film.", "es": "Suba el archivo de la radiografía (mejor el DICOM original), no una foto de una pantalla o placa."},
+    "n_not_chest_xray": {"en": "Check it is a frontal chest X-ray the right way up; rotate it or upload the original DICOM. If it is, retake the image.", "es": "Compruebe que sea una radiografía de tórax frontal y derecha; gírela o suba el DICOM original. Si lo es, repita la toma."},
+    "n_model_unavailable": {"en": "The image is kept: press Analyze again in a few minutes, or tell the administrator.", "es": "La imagen quedó guardada: pulse Analizar de nuevo en unos minutos, o avise al administrador."},
+    "n_queued": {"en": "Reload this page in a moment.", "es": "Recargue esta página en un momento."},
+    "n_unsupported_type": {"en": "Upload JPEG, PNG or DICOM files, or a ZIP of them.", "es": "Suba archivos JPEG, PNG o DICOM, o un ZIP con ellos."},
+    "n_zip_error": {"en": "Make the ZIP again, or upload the files one by one.", "es": "Haga el ZIP de nuevo, o suba los archivos uno por uno."},
+    "rotate": {"en": "Rotate 90° and analyze again", "es": "Girar 90° y analizar de nuevo"},
     # refusal codes (uplink_server.errors.REFUSAL_CODES)
     "r_empty_file": {"en": "The file is empty.", "es": "El archivo está vacío."},
     "r_not_an_image": {"en": "This file is not an image. Upload a JPEG, PNG or DICOM chest X-ray.", "es": "Este archivo no es una imagen. Suba una radiografía de tórax en JPEG, PNG o DICOM."},
@@ -175,3 +233,19 @@ def refusal_text(code: str | None, lang: str, fallback: str | None = None) -> st
     if code and f"r_{code}" in STRINGS:
         return translate(f"r_{code}", lang)
     return fallback or code or ""
+
+
+def next_step(code: str | None, lang: str) -> str:
+    """What the user should do about a refusal (empty when there is nothing to add)."""
+    return translate(f"n_{code}", lang) if code and f"n_{code}" in STRINGS else ""
+
+
+def pct(p: float | None) -> str:
+    """A probability for people: never 100 % or 0 %, which a model cannot know."""
+    if p is None:
+        return "—"
+    if p > 0.99:
+        return "> 99%"
+    if p < 0.01:
+        return "< 1%"
+    return f"{p * 100:.0f}%"

@@ -32,7 +32,7 @@ from ..cases import (
 )
 from ..db import User
 from ..deps import api_user, get_db, lang_of
-from ..i18n import refusal_text
+from ..i18n import next_step, refusal_text
 from ..security import can
 from .pages import _audit_query, _filtered, _get_case
 
@@ -42,6 +42,7 @@ router = APIRouter(tags=["api"])
 class Refusal(BaseModel):
     code: str | None = None
     message: str | None = None
+    next_step: str | None = None
 
 
 class CaseOut(BaseModel):
@@ -53,6 +54,7 @@ class CaseOut(BaseModel):
     label: str | None
     probabilities: dict[str, float] | None
     uncertain: bool
+    margin: float | None = None
     refused: bool
     refusal: Refusal | None
     risk: float | None
@@ -80,7 +82,8 @@ async def predict(request: Request, file: UploadFile = File(...), patient_code: 
     try:
         items = expand_uploads([await read_upload(file, settings)], settings)
     except UploadError as exc:
-        return JSONResponse({"detail": exc.message, "refusal": {"code": exc.code, "message": refusal_text(exc.code, lang_of(request), exc.message)}},
+        return JSONResponse({"detail": exc.message, "refusal": {"code": exc.code, "message": refusal_text(exc.code, lang_of(request), exc.message),
+                                                                "next_step": next_step(exc.code, lang_of(request))}},
                             status_code=exc.status)
     if len(items) != 1:
         raise HTTPException(400, "send one image per request (ZIP archives are for the upload page)")
@@ -92,6 +95,7 @@ async def predict(request: Request, file: UploadFile = File(...), patient_code: 
     body = {**case_dict(case), "case_id": case.id, "notice": NOTICE}
     if case.status == "refused":
         body["refusal"]["message"] = refusal_text(case.refusal_code, lang_of(request), case.refusal_message)
+        body["refusal"]["next_step"] = next_step(case.refusal_code, lang_of(request))
         return JSONResponse(body, status_code=REFUSAL_STATUS.get(case.refusal_code, 422))
     if case.status == "pending" and case.refusal_code == "queued":
         body["detail"] = "queued for a model server: the result is written to the case when ready (GET /api/v1/cases/{id})"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 
 from fastapi import (
     APIRouter,
@@ -29,11 +30,12 @@ from ..cases import (
     export_csv,
     preview_path,
     read_upload,
+    rotate_stored,
     visible_cases,
 )
 from ..db import ROLES, ApiToken, AuditLog, Case, User, utcnow
 from ..deps import check_csrf, csrf_token, get_db, lang_of, page_user
-from ..i18n import LANGUAGES, refusal_text, translate
+from ..i18n import LANGUAGES, next_step, pct, refusal_text, translate
 from ..security import can, hash_password, new_api_token, verify_password
 
 router = APIRouter(include_in_schema=False)
@@ -48,7 +50,7 @@ def render(request: Request, name: str, user: User | None = None, status: int = 
     html = templates.get_template(name).render(
         request=request, user=user, lang=lang, t=lambda k: translate(k, lang), csrf=csrf_token(request),
         can=lambda p: user is not None and can(user.role, p), refusal_text=lambda c, m=None: refusal_text(c, lang, m),
-        notice=translate("notice", lang), notice_en=NOTICE, **ctx)
+        next_step=lambda c: next_step(c, lang), pct=pct, notice=translate("notice", lang), notice_en=NOTICE, **ctx)
     return HTMLResponse(html, status_code=status)
 
 
@@ -156,6 +158,23 @@ def case_page(case_id: int, request: Request, user: User = Depends(page_user), d
     return render(request, "case.html", user, case=case)
 
 
+@router.post("/cases/{case_id}/rotate")
+async def rotate(case_id: int, request: Request, csrf_token_: str = Form("", alias="csrf_token"),
+                 user: User = Depends(page_user), db: Session = Depends(get_db)):
+    """Turn the stored image a quarter clockwise and analyze it again (an X-ray uploaded on its side)."""
+    check_csrf(request, csrf_token_)
+    case = _get_case(db, user, case_id)
+    settings = request.app.state.settings
+    if not case.image_path:
+        raise HTTPException(400, "this case has no stored image to rotate")
+    await run_in_threadpool(rotate_stored, settings, case)
+    if case.job_id is None:
+        case.job_id = uuid.uuid4().hex
+    db.commit()
+    await classify_case(db, settings, request.app.state.router, case, user)
+    return RedirectResponse(f"/cases/{case.id}", status_code=303)
+
+
 @router.post("/cases/{case_id}/retry")
 async def retry(case_id: int, request: Request, csrf_token_: str = Form("", alias="csrf_token"),
                 user: User = Depends(page_user), db: Session = Depends(get_db)):
@@ -169,7 +188,8 @@ async def retry(case_id: int, request: Request, csrf_token_: str = Form("", alia
 def report(case_id: int, request: Request, user: User = Depends(page_user), db: Session = Depends(get_db)):
     case = _get_case(db, user, case_id)
     audit.record(db, "case_view", user, request, case_id=case.id, page="report")
-    return render(request, "report.html", user, case=case, now=dt.datetime.utcnow())
+    return render(request, "report.html", user, case=case, now=dt.datetime.utcnow(),
+                  clinic=request.app.state.settings.clinic_name)
 
 
 @router.get("/cases/{case_id}/image.png")
@@ -219,8 +239,8 @@ def history(request: Request, q: str = "", date_from: str = "", date_to: str = "
 def worklist(request: Request, user: User = Depends(page_user), db: Session = Depends(get_db)):
     if not can(user.role, "worklist"):
         raise HTTPException(403)
-    rows = db.scalars(select(Case).where(Case.status.in_(["done", "pending"]))
-                      .order_by(Case.risk.is_(None), Case.risk.desc(), Case.created_at)).all()
+    # refused studies too, with their reason: each is a retake to arrange
+    rows = db.scalars(select(Case).order_by(Case.risk.is_(None), Case.risk.desc(), Case.created_at.desc()).limit(500)).all()
     return render(request, "worklist.html", user, cases=rows)
 
 
@@ -275,10 +295,18 @@ def revoke_token(token_id: int, request: Request, csrf_token_: str = Form("", al
 
 
 @router.get("/admin")
-async def admin(request: Request, user: User = Depends(page_user), db: Session = Depends(get_db)):
+async def admin(request: Request, added: str = "", updated: str = "", user: User = Depends(page_user),
+                db: Session = Depends(get_db)):
     if not can(user.role, "admin"):
         raise HTTPException(403)
-    return render(request, "admin.html", user, users=db.scalars(select(User)).all(), roles=ROLES,
+    lang = lang_of(request)
+    message = ""
+    if added and (u := db.scalar(select(User).where(User.email == added))):
+        message = translate("user_added", lang).format(email=u.email, role=translate("role_" + u.role, lang))
+    elif updated:
+        message = translate("user_updated", lang).format(email=updated)
+    return render(request, "admin.html", user, users=db.scalars(select(User).order_by(User.id)).all(),
+                  roles=tuple(reversed(ROLES)), message=message,
                   servers=await request.app.state.router.full_status(), uplink_key=request.app.state.settings.uplink_key,
                   base_url=str(request.base_url).rstrip("/"))
 
@@ -295,7 +323,40 @@ def add_user(request: Request, email: str = Form(...), name: str = Form(""), pas
         raise HTTPException(400, "invalid user: unknown role, password under 8 characters, or email taken")
     db.add(User(email=email, name=name, password_hash=hash_password(password), role=role))
     audit.record(db, "user_added", user, request, email=email, role=role)
-    return RedirectResponse("/admin", status_code=303)
+    return RedirectResponse(f"/admin?added={email}", status_code=303)
+
+
+def _managed_user(db: Session, admin_user: User, user_id: int) -> User:
+    if not can(admin_user.role, "admin"):
+        raise HTTPException(403)
+    target = db.get(User, user_id)
+    if target is None:
+        raise HTTPException(404)
+    return target
+
+
+@router.post("/admin/users/{user_id}/active")
+def set_active(user_id: int, request: Request, active: int = Form(...), csrf_token_: str = Form("", alias="csrf_token"),
+               user: User = Depends(page_user), db: Session = Depends(get_db)):
+    check_csrf(request, csrf_token_)
+    target = _managed_user(db, user, user_id)
+    if target.id == user.id:
+        raise HTTPException(400, "you cannot deactivate yourself")
+    target.active = bool(active)  # a deactivated user's session and API tokens stop working at once
+    audit.record(db, "user_updated", user, request, email=target.email, active=target.active)
+    return RedirectResponse(f"/admin?updated={target.email}", status_code=303)
+
+
+@router.post("/admin/users/{user_id}/password")
+def set_password(user_id: int, request: Request, password: str = Form(...), csrf_token_: str = Form("", alias="csrf_token"),
+                 user: User = Depends(page_user), db: Session = Depends(get_db)):
+    check_csrf(request, csrf_token_)
+    target = _managed_user(db, user, user_id)
+    if len(password) < 8:
+        raise HTTPException(400, "the password needs at least 8 characters")
+    target.password_hash = hash_password(password)
+    audit.record(db, "user_updated", user, request, email=target.email, password="reset")
+    return RedirectResponse(f"/admin?updated={target.email}", status_code=303)
 
 
 def _audit_query(action: str, email: str, date_from: str, date_to: str):
