@@ -123,8 +123,16 @@ def test_refusals_batches_and_the_empty_code_warning(browser, tmp_path, classifi
         page.wait_for_selector("[data-testid=no-code]")
         # three files: two X-rays and a damaged one; the summary comes first
         page.goto(base + "/")
-        _upload(page, [xray_paths["kermany_normal"][1], xray_paths["covid"][1], broken], "EC-B")
+        page.fill("[data-testid=patient-code]", "EC-B")
+        page.set_input_files("[data-testid=file-input]", [str(p) for p in (xray_paths["kermany_normal"][1], xray_paths["covid"][1], broken)])
+        assert page.locator("[data-testid=per-file-codes]").is_visible()  # each file gets its own code
+        assert page.input_value("[data-testid=code-1]") == "EC-B"
+        page.fill("[data-testid=code-0]", "EC-B1")
+        page.fill("[data-testid=code-1]", "EC-B2")
+        page.click("[data-testid=analyze]")
         page.wait_for_selector("[data-testid=batch-summary]")
+        codes = page.locator("[data-testid=result] h2").all_inner_texts()
+        assert any("EC-B1" in c for c in codes) and any("EC-B2" in c for c in codes) and any(c.endswith("EC-B") for c in codes)
         assert page.inner_text("[data-testid=batch-summary]") == WORDS[lang]["summary"]
         refused = page.locator("[data-testid=result].status-refused")
         assert refused.count() == 1 and refused.locator("[data-testid=xray]").count() == 0  # no broken image icon

@@ -326,3 +326,34 @@ def test_broken_zip_and_truncated_dicom(app_local, xray_paths):
         assert r.status_code == 422 and r.json()["refusal"]["code"] == "corrupt_image", cut
     # what cannot be read cannot be de-identified, so nothing of it is stored
     assert not list(app.state.settings.upload_dir.glob("*.dcm"))
+
+
+def test_rotate_turns_the_stored_image_and_analyzes_again(app_local, xray_paths):
+    """The control offered when an upload is refused as not a chest X-ray (often one lying on its side)."""
+    from PIL import Image
+
+    app, base = app_local
+    c, csrf = sign_in(base)
+    src = xray_paths["adult_normal"][1]
+    r = c.post("/upload", data={"csrf_token": csrf, "patient_code": "ROT-1"}, files=[("files", ("a.jpg", src.read_bytes(), "image/jpeg"))])
+    case_id = int(str(r.url).rsplit("/", 1)[1])
+    from web_app.db import AuditLog, Case
+
+    with app.state.SessionLocal() as db:
+        path = app.state.settings.upload_dir / db.get(Case, case_id).image_path
+    before = np.asarray(Image.open(path))
+    r = c.post(f"/cases/{case_id}/rotate", data={"csrf_token": csrf})
+    assert r.status_code == 200 and str(r.url).endswith(f"/cases/{case_id}")
+    assert np.array_equal(np.asarray(Image.open(path)), np.rot90(before, -1))  # a quarter turn clockwise
+    with app.state.SessionLocal() as db:
+        assert db.query(AuditLog).filter(AuditLog.action == "classify", AuditLog.case_id == case_id).count() == 2
+    assert c.post(f"/cases/{case_id}/rotate", data={"csrf_token": "forged"}).status_code == 403
+    dcm = make_dicom(np.asarray(Image.open(src).convert("L"))[:, :200])  # not square, so the turn shows
+    r = c.post("/upload", data={"csrf_token": csrf, "patient_code": "ROT-2"}, files=[("files", ("b.dcm", dcm, "application/dicom"))])
+    dcase = int(str(r.url).rsplit("/", 1)[1])
+    c.post(f"/cases/{dcase}/rotate", data={"csrf_token": csrf})
+    import pydicom
+
+    with app.state.SessionLocal() as db:
+        ds = pydicom.dcmread(app.state.settings.upload_dir / db.get(Case, dcase).image_path)
+    assert (ds.Rows, ds.Columns) == (200, 224) and ds.PatientIdentityRemoved == "YES"

@@ -131,6 +131,7 @@ STRINGS: dict[str, dict[str, str]] = {
     "analyzing": {"en": "Analyzing…", "es": "Analizando…"},
     "no_code_warning": {"en": "No patient code: without it this study cannot be traced to the patient. Type a code, or press Analyze again to continue without one.",
                         "es": "Sin código de paciente: sin él no se puede relacionar este estudio con el paciente. Escriba un código, o pulse Analizar otra vez para seguir sin él."},
+    "code_per_file": {"en": "Patient code of each file (the file names are not stored):", "es": "Código del paciente de cada archivo (los nombres de archivo no se guardan):"},
     "no_code_given": {"en": "No patient code was given for this study.", "es": "No se indicó código de paciente para este estudio."},
     "batch_summary": {"en": "{done} analysed, {refused} refused, {pending} waiting", "es": "{done} analizadas, {refused} rechazadas, {pending} en espera"},
     "heatmap_caption": {"en": "Heatmap: the regions that most drove the result (Grad-CAM). It shows where the model looked, not where disease is.",

@@ -122,8 +122,8 @@ def upload_form(request: Request, user: User = Depends(page_user)):
 
 @router.post("/upload")
 async def upload(request: Request, files: list[UploadFile] = File(default=[]), patient_code: str = Form(""),
-                 csrf_token_: str = Form("", alias="csrf_token"), user: User = Depends(page_user),
-                 db: Session = Depends(get_db)):
+                 codes: list[str] = Form(default=[]), csrf_token_: str = Form("", alias="csrf_token"),
+                 user: User = Depends(page_user), db: Session = Depends(get_db)):
     check_csrf(request, csrf_token_)
     settings = request.app.state.settings
     try:
@@ -133,10 +133,13 @@ async def upload(request: Request, files: list[UploadFile] = File(default=[]), p
         lang = lang_of(request)
         msg = translate("no_file", lang) if exc.code == "no_file" else refusal_text(exc.code, lang, exc.message) + f" ({exc.message})"
         return render(request, "upload.html", user, error=msg, status=exc.status)
+    # one code per chosen file when the form sent them (not for ZIPs, whose files are unpacked here)
+    per_file = codes if len(codes) == len(uploads) == len(items) else []
     ids = []
-    for item in items:
+    for i, item in enumerate(items):
+        code = (per_file[i].strip() or patient_code) if per_file else patient_code
         with request.app.state.router.expecting():
-            case = await run_in_threadpool(create_case, db, settings, user, item, patient_code)
+            case = await run_in_threadpool(create_case, db, settings, user, item, code)
             if case.status == "pending":
                 await classify_case(db, settings, request.app.state.router, case, user)
         ids.append(case.id)
