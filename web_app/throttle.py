@@ -72,7 +72,7 @@ def record_failure(db: Session, email: str, address: str | None, now: dt.datetim
         d = delay_after(row.failures, scope)
         row.blocked_until = now + dt.timedelta(seconds=d) if d else None
         wait = max(wait, d)
-    db.commit()
+        db.commit()  # per scope: a lost insert race on one must not undo the other's count
     return wait
 
 
