@@ -146,8 +146,7 @@ class Prepared:
     pred: Prediction
     image: DecodedImage | None
     x: np.ndarray | None  # the preprocessed input; None when refused
-    check_ood: bool = True
-    thumb: np.ndarray | None = None  # for the refusal gate
+    thumb: np.ndarray | None = None  # for the refusal gate; None when it does not apply
 
 
 class Classifier:
@@ -242,10 +241,10 @@ class Classifier:
             if check_ood:
                 ood.check_image(image.gray, image.colorfulness)
             thumb = ood.thumbnail(image.gray) if check_ood and self.gate is not None else None
-            return Prepared(pred, image, self.preprocess(image), check_ood, thumb)
+            return Prepared(pred, image, self.preprocess(image), thumb)
         except Refusal as r:
             pred.refused, pred.refusal = True, r.to_dict()
-            return Prepared(pred, None, None, check_ood)
+            return Prepared(pred, None, None)
 
     def gate_scores(self, prepared: list["Prepared"], embs) -> np.ndarray | None:
         """The refusal gate's scores for a batch at once (one matrix product, not one per image);

@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from uplink_server import deidentify
 from uplink_server.errors import Refusal
 from uplink_server.imaging import DecodedImage, decode
+from uplink_server.uncertainty import margin
 
 from .broker import JobPending
 from .config import Settings
@@ -231,13 +232,6 @@ def visible_cases(db: Session, user: User, can_view_all: bool):
     return q
 
 
-def _margin(probs: dict | None) -> float | None:
-    if not probs:
-        return None
-    top = sorted(probs.values(), reverse=True)
-    return round(top[0] - (top[1] if len(top) > 1 else 0.0), 4)
-
-
 def case_dict(case: Case) -> dict:
     return {
         "id": case.id,
@@ -248,7 +242,7 @@ def case_dict(case: Case) -> dict:
         "label": case.label,
         "probabilities": case.probabilities,
         "uncertain": case.uncertain,
-        "margin": _margin(case.probabilities),
+        "margin": None if not case.probabilities else round(margin(list(case.probabilities.values())), 4),
         "refused": case.status == "refused",
         "refusal": {"code": case.refusal_code, "message": case.refusal_message} if case.refusal_code else None,
         "risk": case.risk,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import uuid
 
 from fastapi import (
     APIRouter,
@@ -171,9 +170,6 @@ async def rotate(case_id: int, request: Request, csrf_token_: str = Form("", ali
     if not case.image_path:
         raise HTTPException(400, "this case has no stored image to rotate")
     await run_in_threadpool(rotate_stored, settings, case)
-    if case.job_id is None:
-        case.job_id = uuid.uuid4().hex
-    db.commit()
     await classify_case(db, settings, request.app.state.router, case, user)
     return RedirectResponse(f"/cases/{case.id}", status_code=303)
 
