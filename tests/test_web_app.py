@@ -357,3 +357,21 @@ def test_rotate_turns_the_stored_image_and_analyzes_again(app_local, xray_paths)
     with app.state.SessionLocal() as db:
         ds = pydicom.dcmread(app.state.settings.upload_dir / db.get(Case, dcase).image_path)
     assert (ds.Rows, ds.Columns) == (200, 224) and ds.PatientIdentityRemoved == "YES"
+
+
+def test_office_document_and_unreachable_broker_get_clear_answers(tmp_path, classifier, one_xray):
+    """A .docx is a ZIP but not of images: refused as such, not unpacked into cases; a broker that
+    is down at start-up leaves the app serving with its own model."""
+    from .webapp_helpers import free_port
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("[Content_Types].xml", '<?xml version="1.0"?><Types/>')
+        zf.writestr("word/document.xml", "<w:document/>")
+    with live_app(tmp_path / "d", classifier=classifier, broker_url=f"amqp://guest:guest@127.0.0.1:{free_port()}/") as (app, base):
+        api = _api(base)
+        r = api.post("/api/v1/predict", files={"file": ("informe.docx", buf.getvalue(), "application/octet-stream")})
+        assert r.status_code == 415 and r.json()["refusal"]["code"] == "unsupported_type" and r.json()["refusal"]["next_step"]
+        r = api.post("/api/v1/predict", files={"file": ("a.jpeg", one_xray.read_bytes(), "image/jpeg")})
+        assert r.status_code == 200 and r.json()["served_by"] == "local"
+        assert api.get("/api/v1/status").json()["broker"] is None
