@@ -169,3 +169,17 @@ def test_serving_does_not_import_torch(tiny_model, one_xray):
     r = subprocess.run([sys.executable, "-c", code, str(tiny_model), str(one_xray)], capture_output=True, text=True,
                        env=subprocess_env())
     assert r.returncode == 0, r.stderr
+
+
+def test_sessions_run_on_an_accelerator_or_the_cpu_never_a_remote_provider(classifier):
+    """onnxruntime lists the AzureExecutionProvider first; a session led by it looked like a GPU one, so batches
+    were never split over the per-core sessions."""
+    from uplink_server.model import execution_providers
+
+    providers = classifier._backend.sess.get_providers()
+    assert "AzureExecutionProvider" not in providers and providers[-1] == "CPUExecutionProvider"
+    assert execution_providers()[-1] == "CPUExecutionProvider"
+    backend = classifier._backend
+    classifier.run(np.zeros((4, 3, *classifier.spec.size), np.float32))  # a batch on the CPU: one session per core
+    n = min(backend.threads, backend.MAX_WORKERS)
+    assert len(backend._workers) == (n if n > 1 else 0)

@@ -84,6 +84,19 @@ def _usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+# Accelerators first, the CPU always last. Not "whatever is available": recent onnxruntime wheels list the
+# AzureExecutionProvider (remote inference) first, which made every session look like a non-CPU one.
+PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "ROCMExecutionProvider", "DmlExecutionProvider",
+                       "CoreMLExecutionProvider", "CPUExecutionProvider")
+
+
+def execution_providers() -> list[str]:
+    import onnxruntime as ort
+
+    available = set(ort.get_available_providers())
+    return [p for p in PREFERRED_PROVIDERS if p in available] or ["CPUExecutionProvider"]
+
+
 class OnnxBackend:
     """ONNX Runtime sessions behind ``backend(x) -> (logits, cam|None, embedding|None)``.
 
@@ -115,7 +128,7 @@ class OnnxBackend:
         # a server shares its cores with decoding, heatmaps and the web app: idle
         # threads must sleep, not spin (spinning cost a third of the CPU under load)
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return ort.InferenceSession(str(self.path), sess_options=opts, providers=ort.get_available_providers())
+        return ort.InferenceSession(str(self.path), sess_options=opts, providers=execution_providers())
 
     def _run(self, sess, x: np.ndarray):
         outs = dict(zip(self.names, sess.run(None, {self.input_name: x})))
@@ -272,5 +285,5 @@ class Classifier:
         pred.uncertain = self.uncertainty.is_uncertain(probs)
         if heatmap and cam is not None:
             pred.heatmap = gradcam.normalize_cam(cam[k])
-            pred.heatmap_png = gradcam.to_png(gradcam.overlay(p.image.gray, pred.heatmap))
+            pred.heatmap_png = gradcam.to_png(gradcam.overlay(p.image.gray, pred.heatmap, crop=self.spec.crop))
         return pred
