@@ -28,8 +28,12 @@ def _add_train_args(p: argparse.ArgumentParser, compare: bool = False) -> None:
                    help="BatchNorm statistics of frozen layers: keep ImageNet's, or adapt them to the X-rays")
     p.add_argument("--finetune-blocks", type=int, default=d.finetune_blocks, help="top backbone blocks to fine-tune after the frozen phase (-1 all, 0 none)")
     p.add_argument("--augment", default=d.augment, help="none | study | default | robust | framing | key=value,... (rotation, shift, shear, zoom, zoom_in, hflip, brightness, contrast, gamma, blur)")
-    p.add_argument("--balance", choices=["weights", "sampler", "group", "none"], default=d.balance,
-                   help="class imbalance: loss weights, class-balanced sampling, or sampling balanced per age group and class")
+    p.add_argument("--balance", choices=["weights", "sampler", "group", "source", "none"], default=d.balance,
+                   help="class imbalance: loss weights, class-balanced sampling, or sampling balanced per age group "
+                        "(group) or per data source (source) and class")
+    p.add_argument("--intensity", default=d.intensity, choices=["none", "equalize"],
+                   help="intensity normalisation in the one preprocessing function (equalize: histogram equalisation)")
+    p.add_argument("--crop", type=float, default=d.crop, help="share of each side cut before resizing (borders, text, markers)")
     p.add_argument("--patience", type=int, default=d.patience, help="early stopping patience (epochs) on validation loss")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--limit", type=int, default=None, help="at most this many images per split (quick runs)")
@@ -51,7 +55,7 @@ def _config(args, **over):
         epochs=getattr(args, "epochs", 5), out=getattr(args, "out", "runs/latest"),
         pretrained=args.pretrained, img_size=args.img_size, batch_size=args.batch_size, lr=args.lr,
         backbone_lr=args.backbone_lr, freeze_epochs=args.freeze_epochs, finetune_blocks=args.finetune_blocks, frozen_bn=args.frozen_bn,
-        augment=args.augment, balance=args.balance, patience=args.patience, seed=args.seed, limit=args.limit,
+        augment=args.augment, balance=args.balance, intensity=args.intensity, crop=args.crop, patience=args.patience, seed=args.seed, limit=args.limit,
         samples_per_epoch=args.samples_per_epoch, val_frac=args.val_frac, test_frac=args.test_frac,
         workers=args.workers, skip_unreadable=args.skip_unreadable, uncertain_threshold=args.uncertain_threshold,
         progress=not args.no_progress, device=args.device, command="python -m model_training " + shlex.join(sys.argv[1:]),
@@ -127,6 +131,28 @@ def build_parser() -> argparse.ArgumentParser:
     un.add_argument("--target-error", type=float, default=0.02, help="most errors allowed among results not flagged (default 0.02)")
     un.add_argument("--write-card", action="store_true", help="record the rule in the model's card (.json and .md)")
     un.add_argument("--no-progress", action="store_true")
+    ex = sub.add_parser("external", help="leave-one-source-out validation: train without each source, test on it "
+                                         "(screen: frozen features + a head per recipe; full: the real fine-tune per fold)")
+    ex.add_argument("--mode", choices=["screen", "full"], default="screen")
+    ex.add_argument("--data", action="append", help="data spec(s) (default mix: every shared source)")
+    ex.add_argument("--out", default="runs/external")
+    ex.add_argument("--variants", default="plain,equalize,crop,equalize+crop",
+                    help="screen: preprocessing variants (plain, equalize, crop, equalize+crop)")
+    ex.add_argument("--recipes", default="erm,group,source,dro,adversarial",
+                    help="screen: head recipes (erm, group, source, dro, adversarial)")
+    ex.add_argument("--baseline-model", default=None,
+                    help="screen: also probe this served model's embedding and heatmaps (e.g. weights/cxr-screen.onnx)")
+    ex.add_argument("--folds", default=None, help="full: only these held-out groups (comma-separated)")
+    ex.add_argument("--limit-per-source", type=int, default=None,
+                    help="at most this many images per source and class (quick runs)")
+    ex.add_argument("--arch", default="efficientnet_lite0")
+    ex.add_argument("--epochs", type=int, default=5, help="full: epochs per fold")
+    _add_train_args(ex, compare=True)
+    sc = sub.add_parser("ship-check", help="the ship rule: does a candidate's worst held-out-source COVID-19 AUC beat "
+                                           "the baseline's, with in-source accuracy at most one point worse?")
+    sc.add_argument("--candidate", required=True, help="loso.json or loso.json#NAME (a result of a screen)")
+    sc.add_argument("--baseline", required=True, help="loso.json or loso.json#NAME")
+    sc.add_argument("--tolerance", type=float, default=0.01)
     sub.add_parser("archs", help="list registered architectures")
     return ap
 
@@ -214,6 +240,32 @@ def main(argv: list[str] | None = None) -> int:
             except (ModelNotFound, FileNotFoundError) as exc:
                 raise DataError(str(exc)) from None
             print(describe(rule) + (" Written to the card." if args.write_card else ""))
+        elif args.cmd == "external":
+            from .external import full, limit_per_source, screen
+            from .datasets import check_files, load_spec
+
+            records = [r for spec in (args.data or ["mix"]) for r in load_spec(spec)]
+            check_files(records)
+            if args.limit_per_source:
+                records = limit_per_source(records, args.limit_per_source, args.seed)
+            if args.mode == "screen":
+                report = screen(records, Path(args.out), [v.strip() for v in args.variants.split(",")],
+                                [r.strip() for r in args.recipes.split(",")], args.arch, args.pretrained,
+                                Path(args.baseline_model) if args.baseline_model else None, args.seed,
+                                progress=not args.no_progress)
+            else:
+                report = full(records, _config(args, arch=args.arch, epochs=args.epochs, out=args.out), Path(args.out),
+                              args.folds.split(",") if args.folds else None, progress=not args.no_progress)
+            from .external import markdown
+
+            print(markdown(report))
+            print(f"written: {Path(args.out) / 'loso.json'}, loso.md, loso.png")
+        elif args.cmd == "ship-check":
+            from .ship_rule import decide, load_result
+
+            verdict = decide(load_result(args.candidate), load_result(args.baseline), args.tolerance)
+            print(json.dumps(verdict, indent=2))
+            return 0 if verdict["ships"] else 1
         elif args.cmd == "compare":
             from .compare import compare
 

@@ -56,7 +56,9 @@ class TrainConfig:
     # from the first batch, so that unfreezing does not switch the features the head was fitted to
     frozen_bn: str = "imagenet"
     augment: str = "default"
-    balance: str = "weights"  # weights | sampler | group | none
+    balance: str = "weights"  # weights | sampler | group | source | none
+    intensity: str = "none"  # none | equalize (PreprocessSpec)
+    crop: float = 0.0  # share of each side cut before resizing (PreprocessSpec)
     patience: int = 3
     seed: int = 0
     limit: int | None = None  # images per split, for quick runs
@@ -198,7 +200,7 @@ def _build(cfg: TrainConfig, records: list[Record], classes: list[str], pretrain
     if size < arch.min_size:
         print(f"note: {arch.name} needs inputs of at least {arch.min_size} px; using {arch.min_size} instead of {size}")
         size = arch.min_size
-    spec = PreprocessSpec(size=(size, size))
+    spec = PreprocessSpec(size=(size, size), intensity=cfg.intensity, crop=cfg.crop)
     by_split = split_records(records)
     eval_ds = {s: XrayDataset(by_split[s], classes, spec) for s in ("val", "test") if by_split[s]}
     loader_kw = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
@@ -225,10 +227,10 @@ def train(cfg: TrainConfig) -> Path:
 
     counts = np.bincount([classes.index(r.label) for r in by_split["train"]], minlength=len(classes)).astype(float)
     n_samples = cfg.samples_per_epoch or len(train_ds)
-    if cfg.balance in ("sampler", "group"):
+    if cfg.balance in ("sampler", "group", "source"):
         train_recs = by_split["train"]
-        w = sample_weights([r.label for r in train_recs], [r.age_group or r.source for r in train_recs],
-                           "group" if cfg.balance == "group" else "class")
+        groups = [r.source if cfg.balance == "source" else (r.age_group or r.source) for r in train_recs]
+        w = sample_weights([r.label for r in train_recs], groups, "class" if cfg.balance == "sampler" else "group")
         sampler = WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), n_samples, replacement=True)
         class_weights = None
     else:

@@ -26,6 +26,14 @@ class PreprocessSpec:
     channels: int = 3  # gray replicated for ImageNet backbones
     resample: str = "bilinear"
     layout: str = field(default="NCHW")  # Keras models take NHWC
+    # Against the hospital shortcut (issue 16): machines differ in exposure curve and borders carry
+    # text, markers and collimation. "equalize" maps the image through its own histogram so every
+    # machine's output spans the same intensities; ``crop`` cuts this share of each side before resizing.
+    intensity: str = "none"  # none | equalize
+    crop: float = 0.0
+
+    def __post_init__(self):
+        check_spec(self)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -43,6 +51,8 @@ class PreprocessSpec:
             channels=int(d.get("channels", 3)),
             resample=d.get("resample", "bilinear"),
             layout=d.get("layout", "NCHW"),
+            intensity=d.get("intensity", "none"),
+            crop=float(d.get("crop", 0.0)),
         )
 
 
@@ -61,6 +71,34 @@ def resize_gray(gray: np.ndarray, size: tuple[int, int], resample: str = "biline
     return np.asarray(img.resize((w, h), _RESAMPLE[resample]), dtype=np.float32)
 
 
+INTENSITY_MODES = ("none", "equalize")
+
+
+def check_spec(spec: PreprocessSpec) -> None:
+    if spec.intensity not in INTENSITY_MODES:
+        raise ValueError(f"unknown intensity normalisation {spec.intensity!r}: use one of {', '.join(INTENSITY_MODES)}")
+    if not 0.0 <= spec.crop < 0.5:
+        raise ValueError(f"crop must be a share of each side in [0, 0.5), got {spec.crop}")
+
+
+def crop_box(shape: tuple[int, int], crop: float) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the region the model sees in an image of ``shape``: heatmaps are
+    drawn back into the same box."""
+    h, w = shape
+    dy, dx = int(round(h * crop)), int(round(w * crop))
+    return dy, h - dy, dx, w - dx
+
+
+def equalize(x: np.ndarray, bins: int = 256) -> np.ndarray:
+    """Histogram equalisation of a [0, 1] image: each value becomes its rank (the image's own CDF)."""
+    hist, edges = np.histogram(x, bins=bins, range=(0.0, 1.0))
+    cdf = np.cumsum(hist).astype(np.float64)
+    if cdf[-1] == 0 or hist.max() == cdf[-1]:  # empty or one flat value: nothing to spread
+        return x
+    cdf = (cdf - cdf[0]) / (cdf[-1] - cdf[0])
+    return np.interp(x, edges[1:], cdf).astype(np.float32)
+
+
 def preprocess(
     gray: np.ndarray,
     spec: PreprocessSpec,
@@ -71,10 +109,15 @@ def preprocess(
     ``augment`` (training only) receives the resized gray image and returns one
     of the same shape; serving never passes it.
     """
+    if spec.crop:
+        top, bottom, left, right = crop_box(gray.shape, spec.crop)
+        gray = gray[top:bottom, left:right]
     x = resize_gray(gray, spec.size, spec.resample)
     if augment is not None:
         x = augment(x)
     x = np.clip(x, 0.0, 1.0)
+    if spec.intensity == "equalize":  # after augmentation: machine-like exposure changes are undone as at serving
+        x = equalize(x)
     mean = np.asarray(spec.mean, np.float32)[: spec.channels]
     std = np.asarray(spec.std, np.float32)[: spec.channels]
     chw = (np.repeat(x[None], spec.channels, axis=0) - mean[:, None, None]) / std[:, None, None]

@@ -1,0 +1,358 @@
+"""Leave-one-source-out (LOSO) validation: does a recipe hold in a hospital it has never seen?
+
+For every held-out group of sources, train on all the other sources and test on the held-out one.
+A clinic in Ecuador is such a held-out hospital; scores inside our own splits are not.
+
+- ``screen``: frozen backbone features (one cached pass over the data) and a head per recipe
+  (:mod:`.heads`), for every preprocessing variant: the whole table in minutes on a CPU.
+- ``full``: the real fine-tune (``model_training train``) per fold, for the recipes that win the screen,
+  evaluated through the server's own model loading.
+
+Each held-out test reports accuracy, ROC-AUC per class, COVID-19 sensitivity/specificity at the served
+decision (the most probable class) and at specificity >= 0.80, and calibration (ECE after the
+temperature fitted on the training sources' validation split).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter, defaultdict
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from .calibration import calibrated_probs, fit_temperature
+from .datasets import Record, write_manifest
+from .labels import CLASSES
+from .metrics import binary_operating_point, compute_metrics
+from .splits import make_splits
+
+POSITIVE = "covid19"
+MIN_SPECIFICITY = 0.80  # the issue's operating point: sensitivity at specificity >= 0.80
+FEW = 20  # fewer negatives or positives than this: the AUC's interval is wide, and the report says so
+
+
+def holdout_groups(records: list[Record]) -> dict[str, list[str]]:
+    """Held-out groups: one per source; a source holding a single class is paired with the smallest source
+    of the same age group that has the classes it lacks (so that its test has an AUC), and that partner is
+    held out with it rather than alone. A source no partner can complete stays alone (no AUC)."""
+    labels: dict[str, Counter] = defaultdict(Counter)
+    age = {}
+    for r in records:
+        labels[r.source][r.label] += 1
+        age[r.source] = r.age_group
+    single = [s for s in sorted(labels) if len(labels[s]) < 2]
+    folds, taken = {}, set()
+    for s in single:
+        partners = [t for t in labels if t not in single and t not in taken and age[t] == age[s]
+                    and set(labels[t]) - set(labels[s])]
+        if partners:
+            t = min(partners, key=lambda t: (sum(labels[t].values()), t))
+            taken.add(t)
+            folds[f"{s}+{t}"] = [s, t]
+        else:
+            folds[s] = [s]
+    for s in sorted(labels):
+        if s not in single and s not in taken:
+            folds[s] = [s]
+    return dict(sorted(folds.items()))
+
+
+def fold_split(records: list[Record], held: list[str], val_frac: float = 0.1, seed: int = 0):
+    """(train, val, test): the held-out sources are the test, whole; the others are split by patient into
+    train and validation (official splits of the other sources are ignored: all of them is training data)."""
+    test = [replace(r, split="test") for r in records if r.source in held]
+    rest = make_splits([replace(r, split="") for r in records if r.source not in held], val_frac, 0.0, seed)
+    return [r for r in rest if r.split == "train"], [r for r in rest if r.split == "val"], test
+
+
+def limit_per_source(records: list[Record], n: int, seed: int = 0) -> list[Record]:
+    """At most ``n`` images of each (source, class), whole patients first come first (quick runs and tests)."""
+    import random
+
+    from .splits import group_key
+
+    rng = random.Random(seed)
+    groups = defaultdict(list)
+    for r in records:
+        groups[group_key(r)].append(r)
+    keys = sorted(groups)
+    rng.shuffle(keys)
+    taken, out = Counter(), []
+    for k in keys:
+        rs = groups[k]
+        cell = (rs[0].source, rs[0].label)
+        if taken[cell] < n:
+            taken[cell] += len(rs)
+            out.extend(rs)
+    return out
+
+
+def in_source_split(records: list[Record], seed: int = 0) -> list[Record]:
+    """The usual split of all sources (Kermany's official test kept): what in-source numbers are measured on."""
+    return make_splits([replace(r) for r in records], 0.1, 0.15, seed)
+
+
+def _bootstrap_auc(y: np.ndarray, s: np.ndarray, n: int = 400, seed: int = 0) -> list[float]:
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+    aucs = [roc_auc_score(np.r_[np.ones(len(pos)), np.zeros(len(neg))],
+                          np.r_[s[rng.choice(pos, len(pos))], s[rng.choice(neg, len(neg))]]) for _ in range(n)]
+    return [float(np.percentile(aucs, 2.5)), float(np.percentile(aucs, 97.5))]
+
+
+def heldout_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
+    """Metrics of one held-out test (integer labels ``y``, calibrated ``probs``)."""
+    m = compute_metrics(y, probs, classes)
+    out = {
+        "n": m["n"], "accuracy": m["accuracy"], "ece": m["ece"],
+        "counts": {c: v["support"] for c, v in m["per_class"].items() if v["support"]},
+        "auc": {c: v["roc_auc"] for c, v in m["per_class"].items() if v["roc_auc"] is not None},
+    }
+    if POSITIVE in classes:
+        k = classes.index(POSITIVE)
+        pos = np.asarray(y) == k
+        said = probs.argmax(1) == k
+        cov = {"positives": int(pos.sum()), "negatives": int((~pos).sum()),
+               "sensitivity_served": float(said[pos].mean()) if pos.any() else None,
+               "specificity_served": float((~said[~pos]).mean()) if (~pos).any() else None}
+        if pos.any() and (~pos).any():
+            op = binary_operating_point(pos, probs[:, k], MIN_SPECIFICITY)
+            cov.update(auc=op["roc_auc"], auc_ci95=_bootstrap_auc(pos, probs[:, k]),
+                       sensitivity_at_spec=op["sensitivity"], specificity_at_spec=op["specificity"],
+                       few=bool(min(pos.sum(), (~pos).sum()) < FEW))
+        out["covid19"] = cov
+    return out
+
+
+def worst_covid(folds: dict) -> dict:
+    """The worst held-out COVID-19 ROC-AUC (and its fold) over folds that have one, preferring folds with at
+    least ``FEW`` of each class; the sensitivity at specificity >= 0.80 there too."""
+    have = {f: m["covid19"] for f, m in folds.items() if m.get("covid19", {}).get("auc") is not None}
+    solid = {f: c for f, c in have.items() if not c["few"]} or have
+    if not solid:
+        return {}
+    f = min(solid, key=lambda f: solid[f]["auc"])
+    return {"fold": f, "auc": solid[f]["auc"], "sensitivity_at_spec": min(c["sensitivity_at_spec"] for c in solid.values())}
+
+
+def _labels(records: list[Record], classes: list[str]) -> np.ndarray:
+    return np.array([classes.index(r.label) for r in records])
+
+
+def screen(records: list[Record], out: Path, variants: list[str], recipes: list[str], arch: str = "efficientnet_lite0",
+           pretrained: str = "imagenet", baseline_model: Path | None = None, seed: int = 0, progress: bool = True) -> dict:
+    """LOSO of every (preprocessing variant, head recipe) on frozen features; also each one's in-source
+    accuracy, source probe and heatmap share on the lungs. Writes loso.json, loso.md and loso.png."""
+    from . import lungs
+    from .features import extract, variant_spec
+    from .heads import Head
+    from .probe import source_probe
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    classes = [c for c in CLASSES if any(r.label == c for r in records)]
+    folds = holdout_groups(records)
+    by_path = {r.path: r for r in records}
+    masks = [m for m in lungs.load_masks() if m.image in by_path]
+    insrc = in_source_split(records, seed)
+    report = {"mode": "screen", "arch": arch, "pretrained": pretrained, "folds": folds, "classes": classes,
+              "n": len(records), "sources": dict(Counter(r.source for r in records)), "results": {}}
+    for variant in variants:
+        spec = variant_spec(variant)
+        feats = extract(records, spec, arch, pretrained, map_paths=[m.image for m in masks], cache_dir=out / "cache",
+                        progress=progress)
+        for recipe in recipes:
+            res = {"variant": variant, "recipe": recipe, "preprocessing": spec.to_dict(), "folds": {}}
+            for fold, held in folds.items():
+                tr, va, te = fold_split(records, held, seed=seed)
+                head = Head(recipe, len(classes), seed=seed).fit(
+                    feats.of(tr), _labels(tr, classes), [r.source for r in tr], [r.age_group for r in tr])
+                t = fit_temperature(head.logits(feats.of(va)), _labels(va, classes))
+                probs = calibrated_probs(head.logits(feats.of(te)), t)
+                m = heldout_metrics(_labels(te, classes), probs, classes)
+                m["temperature"] = t
+                fold_masks = [mk for mk in masks if by_path[mk.image].source in held]
+                if fold_masks:
+                    fm = feats.maps_of([mk.image for mk in fold_masks])
+                    logits = head.logits(feats.of([by_path[mk.image] for mk in fold_masks]))
+                    cams = head.cam(fm, logits.argmax(1))
+                    if cams is not None:
+                        ms = [mk.load() for mk in fold_masks]
+                        m["lung_share"] = lungs.summarize([lungs.lung_share(c, mk, spec.crop) for c, mk in zip(cams, ms)], ms)
+                res["folds"][fold] = m
+            res["worst_covid19"] = worst_covid(res["folds"])
+            # in-source: the same recipe on the usual split of every source
+            tr = [r for r in insrc if r.split == "train"]
+            head = Head(recipe, len(classes), seed=seed).fit(
+                feats.of(tr), _labels(tr, classes), [r.source for r in tr], [r.age_group for r in tr])
+            va = [r for r in insrc if r.split == "val"]
+            t = fit_temperature(head.logits(feats.of(va)), _labels(va, classes))
+            te = [r for r in insrc if r.split == "test"]
+            probs = calibrated_probs(head.logits(feats.of(te)), t)
+            y = _labels(te, classes)
+            kerm = np.array([r.source == "kermany" for r in te])
+            res["in_source"] = {"run_test_accuracy": float((probs.argmax(1) == y).mean()),
+                                "kermany_test_accuracy": float((probs.argmax(1) == y)[kerm].mean()) if kerm.any() else None}
+            res["probe"] = source_probe(head.embed(feats.of(records)), [r.label for r in records],
+                                        [r.source for r in records], [r.age_group for r in records], seed=seed)
+            report["results"][f"{variant}/{recipe}"] = res
+            if progress:
+                print(f"{variant}/{recipe}: {summary_row(res)}", flush=True)
+    if baseline_model is not None:
+        report["baseline"] = shipped_checks(Path(baseline_model), records, masks, seed, progress)
+    write_report(report, out)
+    return report
+
+
+def shipped_checks(model_path: Path, records: list[Record], masks, seed: int = 0, progress: bool = True) -> dict:
+    """The source probe on a served model's embedding and its heatmaps' share on the lungs (what the
+    doctor sees). Not held-out numbers: the model has seen every source."""
+    from uplink_server.model import Classifier
+
+    from . import lungs
+    from .evaluate import predict_records
+    from .probe import source_probe
+
+    clf = Classifier(model_path)
+    rng = np.random.default_rng(seed)
+    cells = defaultdict(list)
+    for r in records:
+        cells[(r.label, r.age_group, r.source)].append(r)
+    subset = []
+    for rs in cells.values():  # the probe caps each source at 300 per class: predict only those
+        subset += [rs[i] for i in rng.permutation(len(rs))[:300]]
+    _, emb, _, kept, _ = predict_records(clf, subset, progress=progress)
+    out = {"model": str(model_path), "version": clf.version}
+    if emb is not None:
+        out["probe"] = source_probe(emb, [r.label for r in kept], [r.source for r in kept], [r.age_group for r in kept], seed=seed)
+    if masks:
+        preds = clf.predict_batch([m.image for m in masks])
+        ms = [m.load() for m in masks]
+        out["lung_share"] = lungs.summarize([lungs.lung_share(p.heatmap, mk, clf.spec.crop) for p, mk in zip(preds, ms)
+                                             if p.heatmap is not None], ms)
+    return out
+
+
+def full(records: list[Record], cfg, out: Path, only: list[str] | None = None, progress: bool = True) -> dict:
+    """LOSO with the real fine-tune: ``model_training train`` with ``cfg`` on each fold, tested through the
+    server's model loading on the held-out sources."""
+    from uplink_server.model import Classifier
+
+    from .evaluate import predict_records
+    from .train import train
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    classes = [c for c in CLASSES if any(r.label == c for r in records)]
+    folds = holdout_groups(records)
+    if only:
+        unknown = sorted(set(only) - set(folds))
+        if unknown:
+            raise ValueError(f"unknown fold(s) {unknown}: the folds of this data are {list(folds)}")
+        folds = {f: folds[f] for f in only}
+    report = {"mode": "full", "command": cfg.command, "folds": folds, "classes": classes, "results": {"full": {"folds": {}}}}
+    for fold, held in folds.items():
+        run = out / re.sub(r"[^A-Za-z0-9_.+-]", "_", fold)
+        run.mkdir(parents=True, exist_ok=True)
+        tr, va, te = fold_split(records, held, seed=cfg.seed)
+        write_manifest(tr + va + te, run / "fold.csv")
+        fcfg = replace(cfg, data=[str(run / "fold.csv")], out=str(run / "run"))
+        train(fcfg)
+        clf = Classifier(run / "run" / "model.onnx")
+        logits, _, _, kept, _ = predict_records(clf, te, progress=progress)
+        report["results"]["full"]["folds"][fold] = heldout_metrics(
+            _labels(kept, clf.classes), clf.probabilities(logits), clf.classes)
+    report["results"]["full"]["worst_covid19"] = worst_covid(report["results"]["full"]["folds"])
+    write_report(report, out)
+    return report
+
+
+# ---- report ----------------------------------------------------------------------------------------------
+
+def _f(v, nd=3):
+    return "n/a" if v is None else f"{v:.{nd}f}"
+
+
+def summary_row(res: dict) -> str:
+    w = res.get("worst_covid19", {})
+    ins = res.get("in_source", {})
+    return (f"worst held-out COVID AUC {_f(w.get('auc'))} ({w.get('fold', '-')}), sens@spec0.8 {_f(w.get('sensitivity_at_spec'))}; "
+            f"in-source acc {_f(ins.get('run_test_accuracy'))}, Kermany {_f(ins.get('kermany_test_accuracy'))}; "
+            f"probe {_f(res.get('probe', {}).get('balanced_accuracy'), 2)}")
+
+
+def markdown(report: dict) -> str:
+    folds = list(report["folds"])
+    lines = [f"Held-out groups: " + "; ".join(f"`{f}` ({', '.join(h)})" for f, h in report["folds"].items()), ""]
+    head = ["recipe"] + [f"{f}: COVID AUC [95% CI] / sens, spec (served)" for f in folds]
+    head += ["worst COVID AUC", "min sens @ spec>=0.80", "in-source acc", "Kermany test acc", "source probe (chance)", "heatmap on lungs"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, res in report["results"].items():
+        row = [f"`{name}`"]
+        share = None
+        for f in folds:
+            m = res["folds"].get(f)
+            if m is None:
+                row.append("-")
+                continue
+            c = m.get("covid19", {})
+            if c.get("auc") is not None:
+                ci = c["auc_ci95"]
+                cell = f"{c['auc']:.3f} [{ci[0]:.2f}-{ci[1]:.2f}]{' (few)' if c['few'] else ''} / {_f(c['sensitivity_served'], 2)}, {_f(c['specificity_served'], 2)}"
+            else:
+                other = ", ".join(f"{k} AUC {v:.3f}" for k, v in m["auc"].items())
+                cell = (other or "one class: no AUC") + f"; acc {m['accuracy']:.3f}"
+            row.append(cell)
+            share = m.get("lung_share") or share
+        w = res.get("worst_covid19", {})
+        ins = res.get("in_source", {})
+        probe = res.get("probe", {})
+        row += [_f(w.get("auc")), _f(w.get("sensitivity_at_spec")), _f(ins.get("run_test_accuracy")),
+                _f(ins.get("kermany_test_accuracy")),
+                f"{_f(probe.get('balanced_accuracy'), 2)} ({_f(probe.get('chance'), 2)})" if probe else "-",
+                f"{share['mean_share_in_lungs']:.2f} (area {share['mean_lung_area']:.2f})" if share else "-"]
+        lines.append("| " + " | ".join(row) + " |")
+    b = report.get("baseline")
+    if b:
+        lines += ["", f"Shipped model {b.get('version')} (trained on every source, so not held out): "
+                  f"source probe {_f(b.get('probe', {}).get('balanced_accuracy'), 2)} (chance {_f(b.get('probe', {}).get('chance'), 2)}), "
+                  f"heatmap share on the lungs {_f((b.get('lung_share') or {}).get('mean_share_in_lungs'), 2)} "
+                  f"(lung area {_f((b.get('lung_share') or {}).get('mean_lung_area'), 2)})."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folds = [f for f in report["folds"] if any(res["folds"].get(f, {}).get("covid19", {}).get("auc") is not None
+                                               for res in report["results"].values())]
+    names = list(report["results"])
+    if not folds or not names:
+        return
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names) * len(folds) / 2), 4))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        vals = [report["results"][name]["folds"].get(f, {}).get("covid19", {}).get("auc") or 0 for f in folds]
+        ax.bar(np.arange(len(folds)) + i * width, vals, width, label=name)
+    ax.axhline(0.9, color="k", ls="--", lw=0.8)
+    ax.set_xticks(np.arange(len(folds)) + 0.4 - width / 2, folds, fontsize=8)
+    ax.set_ylim(0.4, 1.0)
+    ax.set_ylabel("held-out COVID-19 ROC-AUC")
+    ax.set_title("Leave one source out")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(report: dict, out: Path) -> None:
+    (out / "loso.json").write_text(json.dumps(report, indent=2))
+    (out / "loso.md").write_text(markdown(report))
+    plot(report, out / "loso.png")

@@ -1,0 +1,179 @@
+"""Leave-one-source-out validation, the shortcut probe, lung-field heatmap share, intensity normalisation and
+the ship rule, on real images from the shared data."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from model_training.cli import main  # noqa: E402
+from model_training.datasets import load_spec  # noqa: E402
+from model_training.external import fold_split, holdout_groups, limit_per_source  # noqa: E402
+from model_training.splits import check_patient_disjoint  # noqa: E402
+from uplink_server.imaging import decode  # noqa: E402
+from uplink_server.preprocessing import PreprocessSpec, crop_box, equalize, preprocess  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def mix(data_root):
+    return load_spec("mix")
+
+
+def test_every_source_is_held_out_and_single_class_sources_are_paired(mix):
+    folds = holdout_groups(mix)
+    held = [s for srcs in folds.values() for s in srcs]
+    assert sorted(held) == sorted({r.source for r in mix}), "each source held out exactly once"
+    labels = {f: Counter(r.label for r in mix if r.source in srcs) for f, srcs in folds.items()}
+    # hannover holds only COVID-19: it is held out with the smallest adult source that has other classes
+    assert folds["covid/hannover+covid/figure1"] == ["covid/hannover", "covid/figure1"]
+    for f, c in labels.items():
+        assert len(c) >= 2, f"{f} has one class only: no AUC ({c})"
+    assert labels["radiography"]["covid19"] and labels["radiography"]["normal"]
+    assert "covid19" not in labels["kermany"]  # children: no COVID-19 anywhere in the data
+
+
+def test_fold_split_keeps_the_held_out_hospital_out_of_training(mix):
+    tr, va, te = fold_split(mix, ["covid/ieee8023"])
+    assert {r.source for r in te} == {"covid/ieee8023"}
+    assert "covid/ieee8023" not in {r.source for r in tr + va}
+    assert len(tr) + len(va) + len(te) == len(mix)
+    check_patient_disjoint(tr + va + te)
+    assert all(r.split == "test" for r in te) and {r.split for r in mix if r.source == "kermany"} == {"train", "test"}
+
+
+def test_equalize_spreads_every_machine_over_the_same_intensities(xray_paths):
+    for path in (xray_paths["kermany_normal"][0], xray_paths["adult_normal"][0], xray_paths["covid"][0]):
+        gray = decode(path).gray
+        x = equalize(gray)
+        hist = np.histogram(x, bins=8, range=(0, 1))[0] / x.size
+        assert np.abs(hist - 1 / 8).max() < 0.05, hist  # flat: the same intensities whatever the exposure
+        order = np.argsort(gray.ravel(), kind="stable")
+        assert np.all(np.diff(x.ravel()[order]) >= 0)  # monotone: darker stays darker
+    assert np.array_equal(equalize(np.full((8, 8), 0.3, np.float32)), np.full((8, 8), 0.3, np.float32))
+
+
+def test_crop_cuts_the_borders_before_resizing(one_xray):
+    gray = decode(one_xray).gray
+    spec = PreprocessSpec(size=(64, 64), crop=0.1)
+    top, bottom, left, right = crop_box(gray.shape, 0.1)
+    assert np.allclose(preprocess(gray, spec), preprocess(gray[top:bottom, left:right], PreprocessSpec(size=(64, 64))))
+    with pytest.raises(ValueError, match="crop"):
+        PreprocessSpec(crop=0.6)
+    with pytest.raises(ValueError, match="intensity"):
+        PreprocessSpec(intensity="clahe")
+
+
+def test_heatmap_of_a_cropped_model_is_drawn_inside_its_box():
+    from uplink_server.gradcam import in_frame
+
+    heat = in_frame(np.ones((7, 7), np.float32), (100, 80), crop=0.1)  # (width, height)
+    assert heat.shape == (80, 100)
+    assert heat[:8].max() == 0 and heat[:, :10].max() == 0 and heat[40, 50] == 1
+
+
+def test_a_model_trained_with_equalize_and_crop_is_served_the_same_way(tmp_path, xray_paths):
+    from model_training.train import XrayDataset
+    from model_training.datasets import Record
+    from uplink_server.model import Classifier
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", "mix", "--img-size", "64", "--epochs", "1", "--limit", "12", "--batch-size", "8",
+                 "--workers", "0", "--intensity", "equalize", "--crop", "0.08", "--balance", "source",
+                 "--out", str(out), "--no-progress"]) == 0
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["preprocessing"]["intensity"] == "equalize" and card["preprocessing"]["crop"] == 0.08
+    clf = Classifier(out / "model.onnx")
+    path = str(xray_paths["covid"][1])
+    train_x = XrayDataset([Record(path=path, label="covid19")], ["covid19"], clf.spec)[0][0].numpy()
+    assert np.array_equal(train_x, clf.preprocess(decode(path)))
+    pred = clf.predict(path)
+    assert pred.heatmap_png and not pred.refused or pred.refusal
+
+
+def test_source_probe_reads_a_planted_hospital_mark_and_nothing_else():
+    from model_training.probe import source_probe
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(240, 32))
+    labels = ["covid19"] * 240
+    sources = ["a"] * 120 + ["b"] * 120
+    blind = source_probe(emb, labels, sources)
+    assert blind["balanced_accuracy"] < 0.65 and blind["chance"] == 0.5
+    emb[:120, 3] += 4.0  # one hospital's machine leaves a mark
+    marked = source_probe(emb, labels, sources)
+    assert marked["balanced_accuracy"] > 0.9
+
+
+def test_lung_share_of_heatmaps_on_real_masks(data_root):
+    from model_training.lungs import load_masks, lung_share
+
+    masks = load_masks()
+    assert len(masks) > 300
+    mask = masks[0].load()
+    small = np.asarray(mask[:: max(1, mask.shape[0] // 14), :: max(1, mask.shape[1] // 14)], np.float32)
+    assert lung_share(small, mask) > 0.8  # a heatmap on the lungs
+    assert lung_share(1 - small, mask) < 0.35  # a heatmap on everything but the lungs
+
+
+def test_screen_and_ship_check_on_real_images(tmp_path, tiny_model, capsys):
+    out = tmp_path / "screen"
+    assert main(["external", "--limit-per-source", "14", "--variants", "plain", "--recipes", "erm,adversarial",
+                 "--baseline-model", str(tiny_model), "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "loso.json").read_text())
+    assert set(report["results"]) == {"plain/erm", "plain/adversarial"}
+    assert (out / "loso.md").read_text() in printed and (out / "loso.png").stat().st_size > 1000
+    res = report["results"]["plain/erm"]
+    assert set(res["folds"]) == set(report["folds"])
+    for fold, m in res["folds"].items():
+        if "covid19" in m["counts"] and len(m["counts"]) > 1:
+            c = m["covid19"]
+            assert 0 <= c["auc"] <= 1 and c["auc_ci95"][0] <= c["auc"] <= c["auc_ci95"][1]
+    assert res["worst_covid19"]["auc"] == min(m["covid19"]["auc"] for m in res["folds"].values()
+                                             if m.get("covid19", {}).get("auc") is not None and not m["covid19"]["few"])
+    assert 0 < res["folds"]["covid/ieee8023"]["lung_share"]["mean_share_in_lungs"] < 1  # masks are ieee8023 images
+    assert "lung_share" not in res["folds"]["kermany"]
+    assert 0 <= res["probe"]["balanced_accuracy"] <= 1
+    # the shipped-style checks: heatmaps of the served model on the masked images among the records
+    assert 0 < report["baseline"]["lung_share"]["n"] <= res["folds"]["covid/ieee8023"]["counts"]["covid19"] + 20
+    assert "probe" in report["baseline"]
+
+    # the ship rule on two real results: a candidate never beats itself
+    rc = main(["ship-check", "--candidate", f"{out / 'loso.json'}#plain/erm", "--baseline", f"{out / 'loso.json'}#plain/erm"])
+    verdict = json.loads(capsys.readouterr().out)
+    assert rc == 1 and not verdict["ships"] and "does not beat" in verdict["checks"][0]
+    assert main(["ship-check", "--candidate", str(out / "loso.json"), "--baseline", str(out / "loso.json")]) == 2
+    assert "name one" in capsys.readouterr().err
+
+
+def test_ship_rule_numbers():
+    from model_training.ship_rule import decide
+
+    base = {"name": "1.5.0", "worst_covid19": {"auc": 0.66}, "in_source": {"run_test_accuracy": 0.936, "kermany_test_accuracy": 0.907}}
+    good = {"name": "new", "worst_covid19": {"auc": 0.80}, "in_source": {"run_test_accuracy": 0.93, "kermany_test_accuracy": 0.90}}
+    assert decide(good, base)["ships"]
+    worse_in_source = {**good, "in_source": {"run_test_accuracy": 0.92, "kermany_test_accuracy": 0.90}}
+    assert not decide(worse_in_source, base)["ships"]
+    assert not decide({"name": "x", "worst_covid19": {}, "in_source": good["in_source"]}, base)["ships"]
+
+
+@pytest.mark.slow
+def test_full_loso_fine_tunes_per_fold_and_tests_through_the_server(tmp_path, mix):
+    out = tmp_path / "full"
+    assert main(["external", "--mode", "full", "--folds", "covid/ieee8023", "--limit-per-source", "10",
+                 "--img-size", "64", "--epochs", "1", "--batch-size", "8", "--workers", "0", "--out", str(out),
+                 "--no-progress"]) == 0
+    report = json.loads((out / "loso.json").read_text())
+    m = report["results"]["full"]["folds"]["covid/ieee8023"]
+    assert m["covid19"]["positives"] > 0 and m["covid19"]["negatives"] > 0 and 0 <= m["covid19"]["auc"] <= 1
+    manifest = (out / "covid_ieee8023" / "fold.csv").read_text()
+    assert "covid/ieee8023" in manifest
+    trained_on = json.loads((out / "covid_ieee8023" / "run" / "model_card.json").read_text())
+    assert "covid/ieee8023" not in trained_on["metrics"]["val"]["by_source"]
+    assert set(trained_on["metrics"]["test"]["by_source"]) == {"covid/ieee8023"}
+    assert main(["external", "--mode", "full", "--folds", "nowhere", "--limit-per-source", "10", "--out", str(out)]) == 2
