@@ -11,3 +11,7 @@ NOTICE = (
     "Screening support only, not a diagnosis: every result must be confirmed "
     "by a qualified clinician."
 )
+NOTICE_ES = (
+    "Solo apoyo al tamizaje, no es un diagnóstico: todo resultado debe ser confirmado "
+    "por un profesional clínico calificado."
+)

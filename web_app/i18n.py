@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-LANGUAGES = ("en", "es")
+from uplink_server.messages import LANGUAGES, NEXT_STEP, REFUSAL_TEXT
 
 STRINGS: dict[str, dict[str, str]] = {
     "app_title": {"en": "Chest X-ray screening", "es": "Tamizaje de radiografías de tórax"},
@@ -154,55 +154,18 @@ STRINGS: dict[str, dict[str, str]] = {
     "new_password": {"en": "New password", "es": "Nueva contraseña"},
     "reset_password": {"en": "Set password", "es": "Cambiar contraseña"},
     "inactive": {"en": "inactive", "es": "inactivo"},
-    # what to do next, per refusal code
-    "n_empty_file": {"en": "Export the image again and upload the new file.", "es": "Exporte la imagen de nuevo y suba el archivo nuevo."},
-    "n_not_an_image": {"en": "Upload the X-ray itself: a JPEG or PNG export, or the original DICOM from the X-ray system.", "es": "Suba la radiografía misma: una exportación JPEG o PNG, o el DICOM original del equipo."},
-    "n_unsupported_format": {"en": "Save it as JPEG or PNG, or upload the original DICOM.", "es": "Guárdela como JPEG o PNG, o suba el DICOM original."},
-    "n_corrupt_image": {"en": "Upload the original DICOM from the X-ray system, or export the image again.", "es": "Suba el DICOM original del equipo de rayos X, o exporte la imagen de nuevo."},
-    "n_invalid_dicom": {"en": "Export the study again from the X-ray system or PACS.", "es": "Exporte el estudio de nuevo desde el equipo de rayos X o el PACS."},
-    "n_burned_in_annotation": {"en": "Export the image without annotations (or a de-identified copy) and upload that.", "es": "Exporte la imagen sin anotaciones (o una copia sin identificación) y súbala."},
-    "n_deidentification_failed": {"en": "Export the study again from the X-ray system or PACS.", "es": "Exporte el estudio de nuevo desde el equipo de rayos X o el PACS."},
-    "n_file_too_large": {"en": "Upload a smaller export (JPEG or PNG) or a single DICOM image.", "es": "Suba una exportación más pequeña (JPEG o PNG) o una sola imagen DICOM."},
-    "n_too_many_pixels": {"en": "Upload a smaller export (JPEG or PNG) of the X-ray.", "es": "Suba una exportación más pequeña (JPEG o PNG) de la radiografía."},
-    "n_image_too_small": {"en": "Upload the full-size image or the original DICOM.", "es": "Suba la imagen en tamaño completo o el DICOM original."},
-    "n_unsupported_dicom": {"en": "Export it from the X-ray system uncompressed, or as JPEG/PNG.", "es": "Expórtela del equipo sin compresión, o como JPEG/PNG."},
-    "n_not_xray_modality": {"en": "Upload a chest radiograph (CR/DX), not a CT or MR image.", "es": "Suba una radiografía de tórax (CR/DX), no una imagen de TC o RM."},
-    "n_lateral_view": {"en": "Upload the frontal view (PA or AP) of the same study.", "es": "Suba la proyección frontal (PA o AP) del mismo estudio."},
-    "n_blank_image": {"en": "Check the exposure and retake, or upload the original DICOM.", "es": "Revise la exposición y repita la toma, o suba el DICOM original."},
-    "n_color_photo": {"en": "Upload the X-ray file itself (the original DICOM is best), not a photo of a screen or film.", "es": "Suba el archivo de la radiografía (mejor el DICOM original), no una foto de una pantalla o placa."},
-    "n_not_chest_xray": {"en": "Check it is a frontal chest X-ray the right way up; rotate it or upload the original DICOM. If it is, retake the image.", "es": "Compruebe que sea una radiografía de tórax frontal y derecha; gírela o suba el DICOM original. Si lo es, repita la toma."},
-    "n_model_unavailable": {"en": "The image is kept: press Analyze again in a few minutes, or tell the administrator.", "es": "La imagen quedó guardada: pulse Analizar de nuevo en unos minutos, o avise al administrador."},
-    "n_queued": {"en": "Reload this page in a moment.", "es": "Recargue esta página en un momento."},
     "n_unsupported_type": {"en": "Upload JPEG, PNG or DICOM files, or a ZIP of them.", "es": "Suba archivos JPEG, PNG o DICOM, o un ZIP con ellos."},
     "n_zip_error": {"en": "Make the ZIP again, or upload the files one by one.", "es": "Haga el ZIP de nuevo, o suba los archivos uno por uno."},
     "rotate": {"en": "Rotate 90° and analyze again", "es": "Girar 90° y analizar de nuevo"},
-    # refusal codes (uplink_server.errors.REFUSAL_CODES)
-    "r_empty_file": {"en": "The file is empty.", "es": "El archivo está vacío."},
-    "r_not_an_image": {"en": "This file is not an image. Upload a JPEG, PNG or DICOM chest X-ray.", "es": "Este archivo no es una imagen. Suba una radiografía de tórax en JPEG, PNG o DICOM."},
-    "r_corrupt_image": {"en": "The image is damaged or incomplete. Export it again and retry.", "es": "La imagen está dañada o incompleta. Expórtela de nuevo e intente otra vez."},
-    "r_file_too_large": {"en": "The file is too large.", "es": "El archivo es demasiado grande."},
-    "r_too_many_pixels": {"en": "The image is too large in pixels.", "es": "La imagen tiene demasiados píxeles."},
-    "r_image_too_small": {"en": "The image is too small to analyze.", "es": "La imagen es demasiado pequeña para analizarla."},
-    "r_unsupported_dicom": {"en": "This DICOM file cannot be read (unsupported compression or no image).", "es": "No se puede leer este archivo DICOM (compresión no soportada o sin imagen)."},
-    "r_not_xray_modality": {"en": "This DICOM is not a radiograph (for example CT or MR).", "es": "Este DICOM no es una radiografía (por ejemplo TC o RM)."},
-    "r_lateral_view": {"en": "This is a lateral view. Upload the frontal (PA/AP) chest X-ray.", "es": "Es una proyección lateral. Suba la radiografía de tórax frontal (PA/AP)."},
-    "r_blank_image": {"en": "The image is blank.", "es": "La imagen está en blanco."},
-    "r_color_photo": {"en": "This looks like a colour photo, not an X-ray.", "es": "Parece una foto a color, no una radiografía."},
-    "r_not_chest_xray": {"en": "This does not look like a frontal chest X-ray.", "es": "Esto no parece una radiografía de tórax frontal."},
-    "r_model_unavailable": {"en": "No model is available right now. The image is saved; analyze it again later.", "es": "No hay ningún modelo disponible ahora. La imagen quedó guardada; analícela más tarde."},
-    "r_unsupported_format": {"en": "This image type is not accepted. Upload a JPEG, PNG or DICOM chest X-ray.",
-                             "es": "Este tipo de imagen no se acepta. Suba una radiografía de tórax en JPEG, PNG o DICOM."},
-    "r_invalid_dicom": {"en": "The DICOM header is inconsistent (impossible image size, bit depth or missing colour table). Export the study again from the X-ray system.",
-                        "es": "La cabecera DICOM es incoherente (tamaño, profundidad de bits o tabla de color imposibles). Exporte el estudio de nuevo desde el equipo de rayos X."},
-    "r_burned_in_annotation": {"en": "This DICOM has patient data burned into the image, so it cannot be stored de-identified. Export it without annotations.",
-                               "es": "Este DICOM tiene datos del paciente grabados en la imagen y no puede guardarse sin identificar. Expórtelo sin anotaciones."},
-    "r_deidentification_failed": {"en": "The file could not be de-identified, so nothing of it was stored.",
-                                  "es": "No se pudo quitar la identificación del archivo; no se guardó nada de él."},
-    "r_queued": {"en": "The image is queued for a model server. The result will appear on this case; reload in a moment.",
-                 "es": "La imagen está en cola para un servidor de modelos. El resultado aparecerá en este caso; recargue en un momento."},
+    # refusals of the web app itself (the model server's are in uplink_server.messages)
     "r_unsupported_type": {"en": "Unsupported file type.", "es": "Tipo de archivo no soportado."},
     "r_zip_error": {"en": "The ZIP file could not be read.", "es": "No se pudo leer el archivo ZIP."},
 }
+
+
+# The model server's refusals, what each means and what to do next: r_<code> and n_<code>
+STRINGS.update({f"r_{code}": text for code, text in REFUSAL_TEXT.items()})
+STRINGS.update({f"n_{code}": text for code, text in NEXT_STEP.items()})
 
 
 def negotiate(accept_language: str | None) -> str:
