@@ -24,6 +24,7 @@ from .broker import JobPending
 from .config import Settings
 from .db import AuditLog, Case, User
 from .inference import Job, ModelRouter, ModelUnavailable, Outcome
+from .reviews import review_dict
 
 log = logging.getLogger(__name__)
 
@@ -250,11 +251,13 @@ def case_dict(case: Case) -> dict:
         "model_version": case.model_version,
         "served_by": case.served_by,
         "created_by": case.creator.email if case.creator else None,
+        "review": review_dict(case.reviews[0]) if case.reviews else None,
     }
 
 
 CSV_FIELDS = ["id", "patient_code", "created_at", "filename", "status", "label", "uncertain", "risk",
-              "p_normal", "p_pneumonia", "p_covid19", "refusal_code", "model", "model_version", "created_by"]
+              "p_normal", "p_pneumonia", "p_covid19", "refusal_code", "model", "model_version", "created_by",
+              "reading", "agrees", "reviewer"]
 
 
 def export_csv(cases) -> str:
@@ -267,6 +270,8 @@ def export_csv(cases) -> str:
         d.update({f"p_{k}": f"{v:.4f}" for k, v in probs.items()})
         d["refusal_code"] = c.refusal_code
         d["risk"] = "" if c.risk is None else f"{c.risk:.4f}"
+        if d["review"]:
+            d.update(reading=d["review"]["reading"], agrees=d["review"]["agrees"], reviewer=d["review"]["reviewer"])
         w.writerow(d)
     return buf.getvalue()
 

@@ -71,6 +71,30 @@ class Case(Base):
     elapsed_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     job_id: Mapped[str | None] = mapped_column(String(32), nullable=True)  # the attempt whose answer is awaited
     creator: Mapped[User] = relationship()
+    # the doctors' readings, newest first (the first one counts)
+    reviews: Mapped[list["Review"]] = relationship(order_by="Review.id.desc()", viewonly=True)
+
+
+class Review(Base):
+    """A doctor's reading of a case. Never edited: a new reading is a new row, the newest counts."""
+
+    __tablename__ = "reviews"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id"), index=True)
+    reviewer_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    reading: Mapped[str] = mapped_column(String(32))  # reviews.READINGS
+    agrees: Mapped[bool] = mapped_column(Boolean)  # with the AI's result
+    note: Mapped[str] = mapped_column(Text, default="")
+    reviewer: Mapped[User] = relationship()
+
+
+class SiteSetting(Base):
+    """Switches an admin sets for this site (e.g. technicians may review)."""
+
+    __tablename__ = "site_settings"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(255), default="")
 
 
 class ApiToken(Base):

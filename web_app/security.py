@@ -12,11 +12,12 @@ from argon2.exceptions import InvalidHashError, VerificationError
 _hasher = PasswordHasher()
 
 # What each role may do. Technicians upload and see their own cases; doctors see
-# every case, the worklist and the export; admins also manage users and servers.
+# every case, the worklist and the export, review cases and see the site's performance;
+# admins also manage users and servers (and may let technicians review: web_app.reviews).
 PERMISSIONS = {
     "technician": {"upload"},
-    "doctor": {"upload", "view_all", "worklist", "export"},
-    "admin": {"upload", "view_all", "worklist", "export", "admin"},
+    "doctor": {"upload", "view_all", "worklist", "export", "review", "performance"},
+    "admin": {"upload", "view_all", "worklist", "export", "review", "performance", "admin"},
 }
 
 

@@ -31,6 +31,7 @@ from ..cases import (
     read_upload,
 )
 from ..db import User
+from ..reviews import ReviewError, add_review, history, may_see_performance, performance, review_dict
 from ..deps import api_user, get_db, lang_of
 from ..i18n import next_step, refusal_text
 from ..security import can
@@ -43,6 +44,21 @@ class Refusal(BaseModel):
     code: str | None = None
     message: str | None = None
     next_step: str | None = None
+
+
+class ReviewIn(BaseModel):
+    reading: str  # normal, pneumonia, covid19, other, not_assessable
+    agrees: bool | None = None  # with the AI; left out: whether the reading is the AI's class
+    note: str = ""
+
+
+class ReviewOut(BaseModel):
+    id: int
+    reading: str
+    agrees: bool
+    note: str
+    reviewer: str | None
+    created_at: str
 
 
 class CaseOut(BaseModel):
@@ -62,6 +78,7 @@ class CaseOut(BaseModel):
     model_version: str | None
     served_by: str | None
     created_by: str | None
+    review: ReviewOut | None = None  # the doctor's newest reading
 
 
 class PredictOut(CaseOut):
@@ -125,6 +142,36 @@ def get_case(case_id: int, request: Request, user: User = Depends(api_user), db:
 async def retry_case(case_id: int, request: Request, user: User = Depends(api_user), db: Session = Depends(get_db)):
     case = await classify_case(db, request.app.state.settings, request.app.state.router, _get_case(db, user, case_id), user)
     return case_dict(case)
+
+
+@router.post("/cases/{case_id}/review", response_model=CaseOut, status_code=201, responses={
+    403: {"description": "your role may not review"}, 404: {"description": "no such case"},
+    422: {"description": "unknown reading, a refused or pending case, or a note too long: nothing is written"}})
+def review_case(case_id: int, body: ReviewIn, request: Request, user: User = Depends(api_user), db: Session = Depends(get_db)):
+    """Record the doctor's reading of a case. Earlier readings are kept as history (GET .../reviews)."""
+    case = _get_case(db, user, case_id)
+    try:
+        review = add_review(db, case, user, body.reading, body.agrees, body.note)
+    except ReviewError as exc:
+        raise HTTPException(exc.status, exc.message) from None
+    audit.record(db, "review", user, request, case_id=case.id, reading=review.reading, agrees=review.agrees, via="api")
+    db.refresh(case)
+    return case_dict(case)
+
+
+@router.get("/cases/{case_id}/reviews", response_model=list[ReviewOut])
+def case_reviews(case_id: int, user: User = Depends(api_user), db: Session = Depends(get_db)):
+    """Every reading of a case, newest first."""
+    return [review_dict(r) for r in history(db, _get_case(db, user, case_id).id)]
+
+
+@router.get("/performance")
+def site_performance(request: Request, user: User = Depends(api_user), db: Session = Depends(get_db)):
+    """How the model does at this site against the doctors' readings, per model version."""
+    if not may_see_performance(db, user):
+        raise HTTPException(403, "your role may not see the site's performance (an admin can allow technicians)")
+    audit.record(db, "performance_view", user, request, via="api")
+    return performance(db)
 
 
 @router.get("/export.csv")

@@ -35,6 +35,19 @@ from ..cases import (
 from ..db import ROLES, ApiToken, AuditLog, Case, User, utcnow
 from ..deps import check_csrf, csrf_token, get_db, lang_of, page_user
 from ..i18n import LANGUAGES, next_step, pct, refusal_text, translate
+from ..reviews import (
+    READINGS,
+    TECHNICIANS_REVIEW,
+    ReviewError,
+    add_review,
+    compare_with_card,
+    latest_reviews,
+    may_review,
+    may_see_performance,
+    performance,
+    set_site_flag,
+    site_flag,
+)
 from ..security import can, hash_password, new_api_token, verify_password
 
 router = APIRouter(include_in_schema=False)
@@ -153,11 +166,32 @@ def batch(request: Request, ids: str = "", user: User = Depends(page_user), db: 
     return render(request, "batch.html", user, cases=cases)
 
 
+def _render_case(request: Request, user: User, db: Session, case: Case, status: int = 200, **ctx) -> HTMLResponse:
+    return render(request, "case.html", user, status=status, case=case, may_review=may_review(db, user),
+                  readings=READINGS, **ctx)
+
+
 @router.get("/cases/{case_id}")
 def case_page(case_id: int, request: Request, user: User = Depends(page_user), db: Session = Depends(get_db)):
     case = _get_case(db, user, case_id)
     audit.record(db, "case_view", user, request, case_id=case.id, page="case")
-    return render(request, "case.html", user, case=case)
+    return _render_case(request, user, db, case)
+
+
+@router.post("/cases/{case_id}/review")
+def review_page(case_id: int, request: Request, reading: str = Form(""), agrees: str = Form(""), note: str = Form(""),
+                csrf_token_: str = Form("", alias="csrf_token"), user: User = Depends(page_user), db: Session = Depends(get_db)):
+    """The doctor's reading; a bad one is shown on the case with the reason, and nothing is written."""
+    check_csrf(request, csrf_token_)
+    case = _get_case(db, user, case_id)
+    try:
+        review = add_review(db, case, user, reading, {"yes": True, "no": False}.get(agrees), note)
+    except ReviewError as exc:
+        return _render_case(request, user, db, case, status=exc.status,
+                            review_error=translate(f"rv_{exc.code}", lang_of(request)))
+    audit.record(db, "review", user, request, case_id=case.id, reading=review.reading, agrees=review.agrees)
+    db.refresh(case)
+    return RedirectResponse(f"/cases/{case.id}", status_code=303)
 
 
 @router.post("/cases/{case_id}/rotate")
@@ -234,13 +268,35 @@ def history(request: Request, q: str = "", date_from: str = "", date_to: str = "
     return render(request, "cases.html", user, cases=cases, q=q, date_from=date_from, date_to=date_to)
 
 
+WORKLIST_FILTERS = {
+    "all": lambda c, rv: True,
+    "unreviewed": lambda c, rv: c.status == "done" and rv is None,
+    "disagreements": lambda c, rv: rv is not None and not rv.agrees,
+    "refused": lambda c, rv: c.status == "refused",
+}
+
+
 @router.get("/worklist")
-def worklist(request: Request, user: User = Depends(page_user), db: Session = Depends(get_db)):
+def worklist(request: Request, filter: str = "all", user: User = Depends(page_user), db: Session = Depends(get_db)):
     if not can(user.role, "worklist"):
         raise HTTPException(403)
+    keep = WORKLIST_FILTERS.get(filter, WORKLIST_FILTERS["all"])
     # refused studies too, with their reason: each is a retake to arrange
-    rows = db.scalars(select(Case).order_by(Case.risk.is_(None), Case.risk.desc(), Case.created_at.desc()).limit(500)).all()
-    return render(request, "worklist.html", user, cases=rows)
+    rows = db.scalars(select(Case).order_by(Case.risk.is_(None), Case.risk.desc(), Case.created_at.desc()).limit(1000)).all()
+    latest = latest_reviews(db, [c.id for c in rows])
+    # unread studies first, by risk (the query's order), then those already read
+    rows = sorted((c for c in rows if keep(c, latest.get(c.id))), key=lambda c: c.id in latest)[:500]
+    return render(request, "worklist.html", user, cases=rows, active_filter=filter if filter in WORKLIST_FILTERS else "all")
+
+
+@router.get("/performance")
+def performance_page(request: Request, user: User = Depends(page_user), db: Session = Depends(get_db)):
+    if not may_see_performance(db, user):
+        raise HTTPException(403)
+    audit.record(db, "performance_view", user, request)
+    perf = performance(db)
+    local = request.app.state.router.local
+    return render(request, "performance.html", user, perf=perf, checks=compare_with_card(perf, getattr(local, "card", None)))
 
 
 @router.get("/export.csv")
@@ -293,6 +349,18 @@ def revoke_token(token_id: int, request: Request, csrf_token_: str = Form("", al
     return RedirectResponse("/tokens", status_code=303)
 
 
+@router.post("/admin/site")
+def admin_site(request: Request, technicians_review: str = Form(""), csrf_token_: str = Form("", alias="csrf_token"),
+               user: User = Depends(page_user), db: Session = Depends(get_db)):
+    """Site switches: whether technicians may review cases and see the site's performance."""
+    check_csrf(request, csrf_token_)
+    if not can(user.role, "admin"):
+        raise HTTPException(403)
+    set_site_flag(db, TECHNICIANS_REVIEW, technicians_review == "1")
+    audit.record(db, "site_setting", user, request, technicians_review=technicians_review == "1")
+    return RedirectResponse("/admin", status_code=303)
+
+
 @router.get("/admin")
 async def admin(request: Request, added: str = "", updated: str = "", user: User = Depends(page_user),
                 db: Session = Depends(get_db)):
@@ -305,7 +373,7 @@ async def admin(request: Request, added: str = "", updated: str = "", user: User
     elif updated:
         message = translate("user_updated", lang).format(email=updated)
     return render(request, "admin.html", user, users=db.scalars(select(User).order_by(User.id)).all(),
-                  roles=tuple(reversed(ROLES)), message=message,
+                  roles=tuple(reversed(ROLES)), message=message, technicians_review=site_flag(db, TECHNICIANS_REVIEW),
                   servers=await request.app.state.router.full_status(), uplink_key=request.app.state.settings.uplink_key,
                   base_url=str(request.base_url).rstrip("/"))
 

@@ -1,0 +1,156 @@
+"""Doctor review and on-site performance over real HTTP, with a tiny real model and real X-rays: the review
+route and its permissions, history kept, bad input refused with nothing written, the worklist order and filters,
+the report, and the performance numbers checked against scikit-learn and scipy on the same cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from model_training.labels import CLASSES
+
+from .webapp_helpers import add_user, live_app, new_token, sign_in
+
+
+@pytest.fixture()
+def site(tmp_path, classifier, xray_paths):
+    """A web app with ten analysed studies and one refused, and an admin's API client."""
+    with live_app(tmp_path / "data", classifier=classifier) as (app, base):
+        c, csrf = sign_in(base)
+        auth = {"Authorization": f"Bearer {new_token(c, csrf)}"}
+        ids = []
+        images = [p for kind in ("covid", "kermany_pneumonia", "kermany_normal", "adult_normal") for p in xray_paths[kind]][:10]
+        for i, p in enumerate(images):
+            r = c.post("/api/v1/predict", files={"file": (p.name, p.read_bytes(), "image/jpeg")},
+                       data={"patient_code": f"P-{i}"}, headers=auth)
+            assert r.status_code == 200, r.text
+            ids.append(r.json()["case_id"])
+        r = c.post("/api/v1/predict", files={"file": ("notes.txt", b"not an x-ray at all", "text/plain")}, headers=auth)
+        assert r.status_code == 415
+        refused = c.get("/api/v1/cases", headers=auth).json()[0]["id"]  # the newest: kept as a refused case
+        assert refused not in ids
+        yield app, base, c, csrf, auth, ids, refused
+
+
+def _review(c, auth, case_id, reading, **kw):
+    return c.post(f"/api/v1/cases/{case_id}/review", json={"reading": reading, **kw}, headers=auth)
+
+
+def test_review_is_recorded_kept_as_history_and_shown(site):
+    app, base, c, csrf, auth, ids, _ = site
+    case = c.get(f"/api/v1/cases/{ids[0]}", headers=auth).json()
+    assert case["review"] is None
+    other = next(x for x in CLASSES if x != case["label"])
+    r = _review(c, auth, ids[0], case["label"], note="clear consolidation")
+    assert r.status_code == 201 and r.json()["review"]["agrees"] is True and r.json()["review"]["reviewer"] == "admin@localhost"
+    r = _review(c, auth, ids[0], other, agrees=False, note="second look: I read it differently")
+    assert r.json()["review"]["reading"] == other and r.json()["review"]["agrees"] is False
+    history = c.get(f"/api/v1/cases/{ids[0]}/reviews", headers=auth).json()
+    assert [h["reading"] for h in history] == [other, case["label"]]  # never overwritten, newest first
+    page = c.get(f"/cases/{ids[0]}").text
+    assert 'data-testid="review-current"' in page and "disagrees with the AI" in page and 'data-testid="review-history"' in page
+    report = c.get(f"/cases/{ids[0]}/report").text
+    assert "second look" in report and "admin@localhost" in report
+    assert "Not reviewed by a doctor" in c.get(f"/cases/{ids[1]}/report").text  # unreviewed results say so
+    csv_text = c.get("/export.csv").text
+    assert "reading,agrees,reviewer" in csv_text.splitlines()[0] and f"{other},False,admin@localhost" in csv_text
+
+
+def test_bad_reviews_are_refused_with_a_reason_and_change_nothing(site):
+    app, base, c, csrf, auth, ids, refused = site
+    r = _review(c, auth, ids[1], "tuberculosis")
+    assert r.status_code == 422 and "unknown reading" in r.json()["detail"]
+    r = _review(c, auth, refused, "normal")
+    assert r.status_code == 422 and "no AI result" in r.json()["detail"]
+    r = _review(c, auth, ids[1], "normal", note="x" * 1001)
+    assert r.status_code == 422
+    assert _review(c, auth, 99999, "normal").status_code == 404
+    assert c.get(f"/api/v1/cases/{ids[1]}/reviews", headers=auth).json() == []
+    assert c.get(f"/api/v1/cases/{refused}/reviews", headers=auth).json() == []
+    # the page shows the reason in the chosen language and writes nothing
+    r = c.post(f"/cases/{ids[1]}/review", data={"csrf_token": csrf, "reading": "tuberculosis"}, headers={"Accept-Language": "es"})
+    assert r.status_code == 422 and "Elija una lectura" in r.text
+    assert c.get(f"/api/v1/cases/{ids[1]}/reviews", headers=auth).json() == []
+
+
+def test_technicians_review_only_when_an_admin_allows_it(site, xray_paths):
+    app, base, c, csrf, auth, ids, _ = site
+    add_user(c, csrf, "tech@clinic.ec", "technician")
+    t, tcsrf = sign_in(base, "tech@clinic.ec", "user-pass-123")
+    tauth = {"Authorization": f"Bearer {new_token(t, tcsrf)}"}
+    image = xray_paths["covid"][1]
+    own = t.post("/api/v1/predict", files={"file": (image.name, image.read_bytes(), "image/jpeg")}, headers=tauth).json()
+    assert _review(t, tauth, ids[0], "normal").status_code == 404  # another's case: not theirs to see
+    r = _review(t, tauth, own["case_id"], own["label"])
+    assert r.status_code == 403 and "admin can allow" in r.json()["detail"]
+    assert t.get("/api/v1/performance", headers=tauth).status_code == 403
+    assert t.get("/performance").status_code == 403 and 'data-testid="nav-performance"' not in t.get("/").text
+    assert 'data-testid="review-form"' not in t.get(f"/cases/{own['case_id']}").text
+    # the admin allows it
+    assert c.post("/admin/site", data={"csrf_token": csrf, "technicians_review": "1"}).status_code == 200
+    assert 'data-testid="review-form"' in t.get(f"/cases/{own['case_id']}").text
+    assert _review(t, tauth, own["case_id"], own["label"]).status_code == 201
+    assert t.get("/api/v1/performance", headers=tauth).status_code == 200
+    audit = c.get("/api/v1/audit.csv", headers=auth).text
+    assert "site_setting" in audit and "review" in audit
+    c.post("/admin/site", data={"csrf_token": csrf})  # and takes it back
+    assert t.get("/api/v1/performance", headers=tauth).status_code == 403
+    assert _review(t, tauth, own["case_id"], "normal").status_code == 403
+
+
+def test_worklist_puts_unread_studies_first_by_risk_with_filters(site):
+    app, base, c, csrf, auth, ids, refused = site
+    cases = {x["id"]: x for x in c.get("/api/v1/cases", headers=auth).json()}
+    riskiest = max(ids, key=lambda i: cases[i]["risk"])
+    label = cases[riskiest]["label"]
+    _review(c, auth, riskiest, label)
+    disagree = min(ids, key=lambda i: cases[i]["risk"])
+    _review(c, auth, disagree, "other", agrees=False)
+    page = c.get("/worklist").text
+    order = [int(s.split('"')[0]) for s in page.split('data-testid="row-')[1:]]
+    unread = [i for i in order if i in ids and i not in (riskiest, disagree)]
+    assert order.index(riskiest) > max(order.index(i) for i in unread)  # read studies after every unread one
+    assert unread == sorted(unread, key=lambda i: -cases[i]["risk"])  # unread ones by risk
+    only = lambda f: {int(s.split('"')[0]) for s in c.get(f"/worklist?filter={f}").text.split('data-testid="row-')[1:]}
+    assert only("unreviewed") == set(ids) - {riskiest, disagree}
+    assert only("disagreements") == {disagree}
+    assert only("refused") == {refused}
+
+
+def test_performance_matches_scikit_learn_on_the_same_cases(site, classifier):
+    from scipy.stats import binomtest
+    from sklearn.metrics import confusion_matrix, recall_score
+
+    app, base, c, csrf, auth, ids, refused = site
+    cases = {x["id"]: x for x in c.get("/api/v1/cases", headers=auth).json()}
+    rng = np.random.default_rng(0)
+    readings = {}
+    for i in ids[:8]:  # a doctor who agrees about half the time
+        readings[i] = cases[i]["label"] if rng.random() < 0.5 else str(rng.choice(CLASSES))
+        assert _review(c, auth, i, readings[i]).status_code == 201
+    _review(c, auth, ids[8], "not_assessable")
+    perf = c.get("/api/v1/performance", headers=auth).json()
+    assert list(perf["by_model"]) == [f"{classifier.name} {classifier.version}"]
+    m = perf["by_model"][f"{classifier.name} {classifier.version}"]
+    assert perf["refused_before_analysis"] == 1  # the text file: no model's doing
+    assert m["cases"] == 10 and m["analysed"] == 10 and m["reviewed"] == 9 and m["compared"] == 8
+    assert m["other_readings"] == {"not_assessable": 1} and m["share_refused"] == 0
+    y_true = [readings[i] for i in ids[:8]]
+    y_pred = [cases[i]["label"] for i in ids[:8]]
+    assert m["confusion_matrix"] == confusion_matrix(y_true, y_pred, labels=list(CLASSES)).tolist()
+    sens = recall_score(y_true, y_pred, labels=list(CLASSES), average=None, zero_division=np.nan)
+    for k, cls in enumerate(CLASSES):
+        pc = m["per_class"][cls]
+        if np.isnan(sens[k]):
+            assert pc["sensitivity"] is None
+            continue
+        assert pc["sensitivity"] == pytest.approx(sens[k])
+        tp = sum(t == cls and p == cls for t, p in zip(y_true, y_pred))
+        ci = binomtest(tp, pc["n"]).proportion_ci(method="wilson")
+        assert pc["sensitivity_ci95"] == pytest.approx([ci.low, ci.high], abs=1e-9)
+        neg = [(t, p) for t, p in zip(y_true, y_pred) if t != cls]
+        spec = sum(p != cls for _, p in neg) / len(neg)
+        assert pc["specificity"] == pytest.approx(spec)
+    assert m["agreement"] == pytest.approx(np.mean([t == p for t, p in zip(y_true, y_pred)]))
+    page = c.get("/performance", headers={"Accept-Language": "es"}).text
+    assert "Desempeño en este centro" in page and 'data-testid="confusion"' in page
