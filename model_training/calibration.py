@@ -1,10 +1,23 @@
-"""Temperature scaling and expected calibration error."""
+"""Temperature scaling and expected calibration error.
+
+numpy only: the web app refits the temperature on a clinic's reviewed cases (local recalibration) without the
+training stack.
+"""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
-from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax, softmax
+
+
+def log_softmax(z: np.ndarray, axis: int = 1) -> np.ndarray:
+    z = z - z.max(axis=axis, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
+
+
+def softmax(z: np.ndarray, axis: int = 1) -> np.ndarray:
+    return np.exp(log_softmax(z, axis))
 
 
 def nll(logits: np.ndarray, y: np.ndarray, temperature: float = 1.0) -> float:
@@ -15,8 +28,21 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     """The temperature T minimising validation NLL of softmax(logits / T)."""
     if len(y) == 0:
         return 1.0
-    res = minimize_scalar(lambda t: nll(logits, y, t), bounds=(0.05, 20.0), method="bounded")
-    return float(res.x)
+    # golden-section search on log T in [0.05, 20]: the NLL is unimodal in T
+    lo, hi = math.log(0.05), math.log(20.0)
+    g = (math.sqrt(5) - 1) / 2
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    fa, fb = nll(logits, y, math.exp(a)), nll(logits, y, math.exp(b))
+    for _ in range(60):  # interval shrinks to ~1e-12 of its width
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - g * (hi - lo)
+            fa = nll(logits, y, math.exp(a))
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + g * (hi - lo)
+            fb = nll(logits, y, math.exp(b))
+    return float(math.exp((lo + hi) / 2))
 
 
 def expected_calibration_error(probs: np.ndarray, y: np.ndarray, n_bins: int = 15) -> float:

@@ -154,3 +154,34 @@ def test_performance_matches_scikit_learn_on_the_same_cases(site, classifier):
     assert m["agreement"] == pytest.approx(np.mean([t == p for t, p in zip(y_true, y_pred)]))
     page = c.get("/performance", headers={"Accept-Language": "es"}).text
     assert "Desempeño en este centro" in page and 'data-testid="confusion"' in page
+
+
+def test_reviewed_cases_round_trip_into_model_training(site, tmp_path, classifier):
+    """Export the reviewed cases, read them as a model_training manifest and fine-tune on them with public data."""
+    import io
+    import zipfile
+    from pathlib import Path
+
+    from model_training.cli import main
+    from model_training.datasets import load_spec
+
+    app, base, c, csrf, auth, ids, refused = site
+    readings = {ids[0]: "covid19", ids[1]: "pneumonia", ids[2]: "normal", ids[3]: "other"}
+    for i, reading in readings.items():
+        assert _review(c, auth, i, reading).status_code == 201
+    r = c.get("/api/v1/site-export.zip", headers=auth)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
+    out = tmp_path / "site"
+    zipfile.ZipFile(io.BytesIO(r.content)).extractall(out)
+    records = load_spec(str(out / "manifest.csv"))
+    assert {int(Path(x.path).stem.split("-")[1]): x.label for x in records} == \
+        {i: lab for i, lab in readings.items() if lab != "other"}  # the doctor's label; "other" is no class
+    assert {x.source for x in records} == {"site:clinic"} and all(x.patient_id.startswith("P-") for x in records)
+    assert all(x.path.endswith(".png") for x in records)  # de-identified as stored: pixels only
+    run = tmp_path / "run"
+    assert main(["train", "--data", f"{out / 'manifest.csv'}+public", "--img-size", "64", "--epochs", "1", "--limit", "10",
+                 "--batch-size", "8", "--workers", "0", "--out", str(run), "--no-progress"]) == 0
+    card = (run / "model_card.json").read_text()
+    assert "site:clinic" in card
+    page = c.get("/performance").text
+    assert 'href="/site-export.zip"' in page

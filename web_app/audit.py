@@ -13,7 +13,7 @@ from .db import AuditLog, User
 # What is recorded, with the words the audit page shows
 ACTIONS = ("login", "login_failed", "login_throttled", "logout", "token_created", "token_revoked", "token_rejected",
            "upload", "classify", "case_view", "export", "audit_export", "user_added", "user_updated", "review",
-           "performance_view", "site_setting")
+           "performance_view", "site_setting", "recalibrate")
 
 
 def client_address(request: Request | None) -> str | None:

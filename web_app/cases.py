@@ -24,6 +24,9 @@ from .broker import JobPending
 from .config import Settings
 from .db import AuditLog, Case, User
 from .inference import Job, ModelRouter, ModelUnavailable, Outcome
+from .recalibration import active as active_calibration
+from .recalibration import apply_to as apply_calibration
+from .recalibration import model_key
 from .reviews import review_dict
 
 log = logging.getLogger(__name__)
@@ -194,10 +197,14 @@ def apply_outcome(db: Session, settings: Settings, job: Job, outcome: Outcome) -
         values.update(status="refused", refusal_code=(r.get("refusal") or {}).get("code"),
                       refusal_message=(r.get("refusal") or {}).get("message"), label=None, probabilities=None, risk=None)
     else:
+        # this site's calibration of that model, if an admin applied one; the model's own answer is kept beside it
+        cal = active_calibration(db, model_key(r.get("model"), r.get("version")))
+        shown, uncertain = apply_calibration(r["probabilities"], cal)
         # risk for the worklist: probability of anything but normal
         values.update(status="done", refusal_code=None, refusal_message=None, label=r["label"],
-                      probabilities=r["probabilities"], uncertain=bool(r.get("uncertain")),
-                      risk=1.0 - float(r["probabilities"].get("normal", 0.0)))
+                      probabilities=shown, uncertain=bool(r.get("uncertain")) if uncertain is None else uncertain,
+                      model_probabilities=r["probabilities"], calibration_version=cal.version if cal else None,
+                      risk=1.0 - float(shown.get("normal", 0.0)))
         if outcome.heatmap_png:
             hp = f"{job.case_id}-{job.id[:12]}.heatmap.png"  # a repeated answer rewrites the same file
             (settings.upload_dir / hp).write_bytes(outcome.heatmap_png)
@@ -251,6 +258,7 @@ def case_dict(case: Case) -> dict:
         "model_version": case.model_version,
         "served_by": case.served_by,
         "created_by": case.creator.email if case.creator else None,
+        "calibration_version": case.calibration_version,
         "review": review_dict(case.reviews[0]) if case.reviews else None,
     }
 

@@ -70,6 +70,9 @@ class Case(Base):
     served_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
     elapsed_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     job_id: Mapped[str | None] = mapped_column(String(32), nullable=True)  # the attempt whose answer is awaited
+    # what the model said (its card's calibration) and the site calibration applied on top, if any
+    model_probabilities: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    calibration_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     creator: Mapped[User] = relationship()
     # the doctors' readings, newest first (the first one counts)
     reviews: Mapped[list["Review"]] = relationship(order_by="Review.id.desc()", viewonly=True)
@@ -87,6 +90,25 @@ class Review(Base):
     agrees: Mapped[bool] = mapped_column(Boolean)  # with the AI's result
     note: Mapped[str] = mapped_column(Text, default="")
     reviewer: Mapped[User] = relationship()
+
+
+class SiteCalibration(Base):
+    """A temperature and uncertainty margin fitted on this site's reviewed cases for one model version."""
+
+    __tablename__ = "site_calibrations"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model: Mapped[str] = mapped_column(String(200), index=True)  # "name version"
+    version: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    created_by: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    temperature: Mapped[float] = mapped_column(Float)
+    margin_threshold: Mapped[float] = mapped_column(Float)
+    n_cases: Mapped[int] = mapped_column(Integer)
+    check: Mapped[dict] = mapped_column(JSON)  # the held-out half: before and after
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    previous_id: Mapped[int | None] = mapped_column(Integer, nullable=True)  # what a rollback goes back to
+    rolled_back_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    creator: Mapped[User] = relationship()
 
 
 class SiteSetting(Base):

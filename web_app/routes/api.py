@@ -34,7 +34,13 @@ from ..db import User
 from ..reviews import ReviewError, add_review, history, may_see_performance, performance, review_dict
 from ..deps import api_user, get_db, lang_of
 from ..i18n import next_step, refusal_text
+from ..recalibration import CalibrationError, calibration_dict, current_threshold, model_key, readiness
+from ..recalibration import apply as apply_calibration
+from ..recalibration import preview as preview_calibration
+from ..recalibration import rollback as rollback_calibration
+from ..recalibration import versions as calibration_versions
 from ..security import can
+from ..site_data import export_zip
 from .pages import _audit_query, _filtered, _get_case
 
 router = APIRouter(tags=["api"])
@@ -78,6 +84,7 @@ class CaseOut(BaseModel):
     model_version: str | None
     served_by: str | None
     created_by: str | None
+    calibration_version: int | None = None  # the site calibration this result used (None: the model card's)
     review: ReviewOut | None = None  # the doctor's newest reading
 
 
@@ -172,6 +179,70 @@ def site_performance(request: Request, user: User = Depends(api_user), db: Sessi
         raise HTTPException(403, "your role may not see the site's performance (an admin can allow technicians)")
     audit.record(db, "performance_view", user, request, via="api")
     return performance(db)
+
+
+@router.get("/site-export.zip", responses={200: {"content": {"application/zip": {}}}})
+def site_export(request: Request, user: User = Depends(api_user), db: Session = Depends(get_db)):
+    """The reviewed cases as training data: images (de-identified, as stored) and manifest.csv (path, label from
+    the doctor's newest reading, patient code as patient_id, source = site)."""
+    if not can(user.role, "export"):
+        raise HTTPException(403, "not allowed to export")
+    data, n = export_zip(db, request.app.state.settings)
+    audit.record(db, "export", user, request, kind="site_data", cases=n, via="api")
+    return Response(data, media_type="application/zip", headers={"Content-Disposition": 'attachment; filename="site-data.zip"'})
+
+
+class CalibrationIn(BaseModel):
+    model: str | None = None  # "name version"; default: the web app's own model
+    apply: bool = False  # False: preview only
+
+
+def _calibration_model(request: Request, model: str | None) -> str:
+    local = request.app.state.router.local
+    key = model or (model_key(local.name, local.version) if local is not None else "")
+    if not key:
+        raise HTTPException(422, "name the model (\"name version\"): this web app has no model of its own")
+    return key
+
+
+@router.get("/calibration")
+def calibration_status(request: Request, model: str | None = None, user: User = Depends(api_user), db: Session = Depends(get_db)):
+    """Reviewed cases per class against the minimum, and every site calibration version of the model."""
+    if not can(user.role, "admin"):
+        raise HTTPException(403, "only admins recalibrate")
+    key = _calibration_model(request, model)
+    return {"model": key, "readiness": readiness(db, key), "versions": [calibration_dict(c) for c in calibration_versions(db, key)]}
+
+
+@router.post("/calibration")
+def recalibrate(body: CalibrationIn, request: Request, user: User = Depends(api_user), db: Session = Depends(get_db)):
+    """Preview (``apply: false``) or apply a temperature and margin fitted on half the reviewed cases and checked on
+    the other half. Refused (422, nothing written) with too few cases or when the check gets worse."""
+    if not can(user.role, "admin"):
+        raise HTTPException(403, "only admins recalibrate")
+    key = _calibration_model(request, body.model)
+    try:
+        if not body.apply:
+            return {"preview": preview_calibration(db, key, current_threshold(db, key, request.app.state.router.local))}
+        cal = apply_calibration(db, key, user, current_threshold(db, key, request.app.state.router.local))
+    except CalibrationError as exc:
+        raise HTTPException(exc.status, exc.message) from None
+    audit.record(db, "recalibrate", user, request, model=key, version=cal.version, via="api")
+    return {"applied": calibration_dict(cal)}
+
+
+@router.post("/calibration/rollback")
+def calibration_rollback(body: CalibrationIn, request: Request, user: User = Depends(api_user), db: Session = Depends(get_db)):
+    """Undo the active site calibration; the one before it (or the model card's) applies again."""
+    if not can(user.role, "admin"):
+        raise HTTPException(403, "only admins recalibrate")
+    key = _calibration_model(request, body.model)
+    try:
+        previous = rollback_calibration(db, key)
+    except CalibrationError as exc:
+        raise HTTPException(exc.status, exc.message) from None
+    audit.record(db, "recalibrate", user, request, model=key, rolled_back=True, via="api")
+    return {"active": calibration_dict(previous) if previous else None}
 
 
 @router.get("/export.csv")

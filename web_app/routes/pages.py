@@ -35,6 +35,11 @@ from ..cases import (
 from ..db import ROLES, ApiToken, AuditLog, Case, User, utcnow
 from ..deps import check_csrf, csrf_token, get_db, lang_of, page_user
 from ..i18n import LANGUAGES, next_step, pct, refusal_text, translate
+from ..recalibration import CalibrationError, current_threshold, readiness
+from ..recalibration import apply as apply_calibration
+from ..recalibration import preview as preview_calibration
+from ..recalibration import rollback as rollback_calibration
+from ..recalibration import versions as calibration_versions
 from ..reviews import (
     READINGS,
     TECHNICIANS_REVIEW,
@@ -49,6 +54,7 @@ from ..reviews import (
     site_flag,
 )
 from ..security import can, hash_password, new_api_token, verify_password
+from ..site_data import export_zip
 
 router = APIRouter(include_in_schema=False)
 
@@ -289,14 +295,65 @@ def worklist(request: Request, filter: str = "all", user: User = Depends(page_us
     return render(request, "worklist.html", user, cases=rows, active_filter=filter if filter in WORKLIST_FILTERS else "all")
 
 
+def _performance(request: Request, user: User, db: Session, status: int = 200, **ctx) -> HTMLResponse:
+    perf = performance(db)
+    local = request.app.state.router.local
+    calibration = {}
+    if can(user.role, "admin"):  # recalibration: per model version seen at this site
+        calibration = {m: {"readiness": readiness(db, m), "versions": calibration_versions(db, m),
+                           "threshold": current_threshold(db, m, local)} for m in perf["by_model"]}
+    return render(request, "performance.html", user, status=status, perf=perf, calibration=calibration,
+                  checks=compare_with_card(perf, getattr(local, "card", None)), **ctx)
+
+
 @router.get("/performance")
 def performance_page(request: Request, user: User = Depends(page_user), db: Session = Depends(get_db)):
     if not may_see_performance(db, user):
         raise HTTPException(403)
     audit.record(db, "performance_view", user, request)
-    perf = performance(db)
-    local = request.app.state.router.local
-    return render(request, "performance.html", user, perf=perf, checks=compare_with_card(perf, getattr(local, "card", None)))
+    return _performance(request, user, db)
+
+
+@router.post("/performance/recalibrate")
+def recalibrate_page(request: Request, model: str = Form(""), action: str = Form("preview"),
+                     csrf_token_: str = Form("", alias="csrf_token"), user: User = Depends(page_user),
+                     db: Session = Depends(get_db)):
+    """Preview a site calibration, or apply it as a new version; a refusal says why and changes nothing."""
+    check_csrf(request, csrf_token_)
+    if not can(user.role, "admin"):
+        raise HTTPException(403)
+    threshold = current_threshold(db, model, request.app.state.router.local)
+    try:
+        if action != "apply":
+            return _performance(request, user, db, preview=preview_calibration(db, model, threshold))
+        cal = apply_calibration(db, model, user, threshold)
+    except CalibrationError as exc:
+        return _performance(request, user, db, status=exc.status, calibration_error=translate(f"cal_{exc.code}", lang_of(request)))
+    audit.record(db, "recalibrate", user, request, model=model, version=cal.version)
+    return RedirectResponse("/performance", status_code=303)
+
+
+@router.post("/performance/rollback")
+def rollback_page(request: Request, model: str = Form(""), csrf_token_: str = Form("", alias="csrf_token"),
+                  user: User = Depends(page_user), db: Session = Depends(get_db)):
+    check_csrf(request, csrf_token_)
+    if not can(user.role, "admin"):
+        raise HTTPException(403)
+    try:
+        rollback_calibration(db, model)
+    except CalibrationError as exc:
+        return _performance(request, user, db, status=exc.status, calibration_error=translate(f"cal_{exc.code}", lang_of(request)))
+    audit.record(db, "recalibrate", user, request, model=model, rolled_back=True)
+    return RedirectResponse("/performance", status_code=303)
+
+
+@router.get("/site-export.zip")
+def site_export(request: Request, user: User = Depends(page_user), db: Session = Depends(get_db)):
+    if not can(user.role, "export"):
+        raise HTTPException(403)
+    data, n = export_zip(db, request.app.state.settings)
+    audit.record(db, "export", user, request, kind="site_data", cases=n)
+    return Response(data, media_type="application/zip", headers={"Content-Disposition": 'attachment; filename="site-data.zip"'})
 
 
 @router.get("/export.csv")
