@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from .test_browser_doctor import SIZES, _login, _upload
+from .test_recalibration import underconfident  # noqa: F401  (the fixture)
 from .webapp_helpers import live_app
 
 pytestmark = pytest.mark.browser
@@ -55,4 +56,37 @@ def test_doctor_reviews_and_sees_the_site_numbers_change(browser, tmp_path, clas
         assert page.locator(f"[data-testid=row-{ai}]").count() == 0
         page.goto(case_url.rstrip("/") + "/report")
         assert "nodule, right upper lobe" in page.inner_text("[data-testid=report-review]")
+        ctx.close()
+
+
+@pytest.mark.parametrize("size", SIZES, ids=["phone", "desktop"])
+def test_admin_recalibrates_and_rolls_back_in_the_browser(browser, tmp_path, underconfident, data_root, artifacts, size):
+    from .test_recalibration import _kermany_test
+    from .webapp_helpers import new_token, sign_in
+
+    w, h = size
+    with live_app(tmp_path / "d", classifier=underconfident) as (app, base):
+        c, csrf = sign_in(base)
+        auth = {"Authorization": f"Bearer {new_token(c, csrf)}"}
+        for label in ("normal", "pneumonia"):
+            for p in _kermany_test(data_root, label, 20):
+                case = c.post("/api/v1/predict", files={"file": (p.name, p.read_bytes(), "image/jpeg")}, headers=auth).json()
+                c.post(f"/api/v1/cases/{case['case_id']}/review", json={"reading": label}, headers=auth)
+        ctx, page = _login(browser, base, w, h, "en")
+        page.goto(base + "/performance")
+        assert page.locator("[data-testid=recal-none]").is_visible()
+        page.click("[data-testid=recal-preview-btn]")
+        page.wait_for_selector("[data-testid=recal-preview]")
+        assert "Temperature" in page.inner_text("[data-testid=recalibration]")
+        page.click("[data-testid=recal-apply]")
+        page.wait_for_selector("[data-testid=recal-v1]")
+        assert "in use" in page.inner_text("[data-testid=recal-v1]")
+        assert page.locator("[data-testid=reliability-plot]").is_visible()
+        assert page.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth + 1"), "no sideways scroll"
+        if w == 360:
+            page.screenshot(path=str(artifacts / f"review-recalibration-en-{w}x{h}.png"), full_page=True)
+        page.click("[data-testid=recal-rollback]")
+        page.wait_for_selector("[data-testid=recal-v1]")
+        assert "rolled back" in page.inner_text("[data-testid=recal-v1]")
+        assert page.locator("[data-testid=recal-rollback]").count() == 0
         ctx.close()

@@ -185,3 +185,51 @@ def test_reviewed_cases_round_trip_into_model_training(site, tmp_path, classifie
     assert "site:clinic" in card
     page = c.get("/performance").text
     assert 'href="/site-export.zip"' in page
+
+
+def test_reliability_plot_and_exports(site):
+    app, base, c, csrf, auth, ids, refused = site
+    cases = {x["id"]: x for x in c.get("/api/v1/cases", headers=auth).json()}
+    for i in ids[:6]:
+        _review(c, auth, i, cases[i]["label"] if i % 2 else "normal")
+    page = c.get("/performance").text
+    assert 'data-testid="reliability-plot"' in page and "data:image/png;base64," in page
+    assert 'data-testid="drift-unavailable"' in page  # the tiny model's card has no reference data
+    m = c.get("/api/v1/performance", headers=auth).json()["by_model"]
+    rel = next(iter(m.values()))["reliability"]
+    assert sum(b["n"] for b in rel["bins"]) == 6 and 0 <= rel["ece"] <= 1
+    pdf = c.get("/performance.pdf", headers={"Accept-Language": "es"})
+    assert pdf.status_code == 200 and pdf.content.startswith(b"%PDF") and pdf.content.count(b"/Type /Page") >= 1
+    rows = c.get("/performance.csv").text.splitlines()
+    assert rows[0].startswith("model,class,n,sensitivity") and len(rows) == 1 + len(CLASSES)
+
+
+def test_drift_against_the_card_warns_when_a_site_images_differ(tmp_path, tiny_run, xray_paths):
+    """A site whose machine exposes much darker than the validation data gets a plain drift warning."""
+    import io
+    import json
+
+    from PIL import Image
+
+    from model_training.reference import build
+    from uplink_server.imaging import decode
+    from uplink_server.model import Classifier
+
+    ref = build(tiny_run / "model.onnx", progress=False)
+    card = json.loads((tiny_run / "model_card.json").read_text())
+    card["reference"] = ref
+    clf = Classifier(tiny_run / "model.onnx", card=card)
+    paths = [p for kind in ("kermany_normal", "kermany_pneumonia", "adult_normal", "covid") for p in xray_paths[kind]]
+    with live_app(tmp_path / "d", classifier=clf) as (app, base):
+        c, csrf = sign_in(base)
+        auth = {"Authorization": f"Bearer {new_token(c, csrf)}"}
+        for i in range(32):
+            gray = decode(paths[i % len(paths)]).gray * 0.25  # a dark machine
+            buf = io.BytesIO()
+            Image.fromarray((gray * 255).astype("uint8")).save(buf, format="PNG")
+            r = c.post("/api/v1/predict", files={"file": ("d.png", buf.getvalue(), "image/png")}, headers=auth)
+            assert r.status_code in (200, 422)  # analysed, or refused by the model's gate: a case either way
+        perf = c.get("/api/v1/performance", headers=auth).json()["by_model"][f"{clf.name} {clf.version}"]
+        assert "image_mean" in perf["drift"]["large"] and perf["drift"]["stats"]["image_mean"]["n"] == 32
+        page = c.get("/performance").text
+        assert 'data-testid="drift-warning"' in page and 'data-testid="drift-plot"' in page

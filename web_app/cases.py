@@ -15,7 +15,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from uplink_server import deidentify
+from uplink_server import deidentify, drift
 from uplink_server.errors import Refusal
 from uplink_server.imaging import DecodedImage, decode
 from uplink_server.uncertainty import margin
@@ -140,6 +140,7 @@ def create_case(db: Session, settings: Settings, user: User, upload: Upload, pat
     stem = f"{case.id}-{uuid.uuid4().hex[:12]}"
     (settings.upload_dir / f"{stem}{stored.ext}").write_bytes(stored.data)
     case.decoded = image  # not stored: spares the in-process model decoding the same pixels again
+    case.image_stats = drift.image_statistics(image.gray)
     case.image_path, case.filename = f"{stem}{stored.ext}", f"case-{case.id}{stored.ext}"
     db.add(AuditLog(user_id=user.id, action="upload", case_id=case.id,
                     detail={"format": stored.format, "bytes": len(upload.data)}))

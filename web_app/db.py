@@ -73,6 +73,7 @@ class Case(Base):
     # what the model said (its card's calibration) and the site calibration applied on top, if any
     model_probabilities: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     calibration_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    image_stats: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # gray mean/std, for drift checks
     creator: Mapped[User] = relationship()
     # the doctors' readings, newest first (the first one counts)
     reviews: Mapped[list["Review"]] = relationship(order_by="Review.id.desc()", viewonly=True)

@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from model_training.labels import CLASSES
+from uplink_server import drift
 
 from .db import Case, Review, SiteSetting, User
 from .security import can
@@ -113,10 +114,25 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float] | None:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def performance(db: Session) -> dict:
+def reliability(confidence: list[float], correct: list[bool], bins: int = 10) -> dict:
+    """Reliability diagram data: per confidence bin, how often the AI's class was the doctor's; and the ECE."""
+    conf, ok = np.asarray(confidence, float), np.asarray(correct, float)
+    edges = np.linspace(0, 1, bins + 1)
+    rows, ece = [], 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            rows.append({"lo": round(float(lo), 2), "hi": round(float(hi), 2), "n": int(m.sum()),
+                         "confidence": float(conf[m].mean()), "accuracy": float(ok[m].mean())})
+            ece += m.mean() * abs(ok[m].mean() - conf[m].mean())
+    return {"bins": rows, "ece": float(ece) if len(conf) else None}
+
+
+def performance(db: Session, references: dict | None = None) -> dict:
     """Per model version: the AI's result against the doctors' newest readings (cases read as normal, pneumonia
     or COVID-19), the share of uncertain and refused results, and how many readings were 'other' or 'not
-    assessable'. Sensitivity and specificity per class come with 95 % Wilson intervals."""
+    assessable'. Sensitivity and specificity per class come with 95 % Wilson intervals; the reliability of the
+    shown probabilities; and drift of the scores and images against ``references`` ({model: card reference})."""
     cases = db.scalars(select(Case).where(Case.status.in_(("done", "refused")))).all()
     reviews = latest_reviews(db)
     by_version: dict[str, list[Case]] = defaultdict(list)
@@ -145,6 +161,11 @@ def performance(db: Session) -> dict:
                               "sensitivity_ci95": wilson(tp, tp + fn), "specificity": tn / (tn + fp) if tn + fp else None,
                               "specificity_ci95": wilson(tn, tn + fp)}
         other = Counter(r.reading for _, r in read if r.reading not in CLASSES)
+        compared = [(c, r) for c, r in read if r.reading in CLASSES and c.label in CLASSES]
+        model_probs = [c.model_probabilities or c.probabilities for c in done if c.probabilities]
+        drift_values = {"risk": [1.0 - p.get("normal", 0.0) for p in model_probs],
+                        "image_mean": [c.image_stats["image_mean"] for c in cs if c.image_stats],
+                        "image_std": [c.image_stats["image_std"] for c in cs if c.image_stats]}
         out[version] = {
             "cases": len(cs), "analysed": len(done), "reviewed": len(read), "compared": len(pairs),
             "agreement": float(np.trace(cm) / cm.sum()) if cm.sum() else None,
@@ -153,8 +174,18 @@ def performance(db: Session) -> dict:
             "share_refused": (len(cs) - len(done)) / len(cs) if cs else None,
             "other_readings": dict(other),
             "disagreements": sum(1 for _, r in read if not r.agrees),
+            "reliability": reliability([max(c.probabilities.values()) for c, _ in compared],
+                                       [c.label == r.reading for c, r in compared]),
+            "drift": drift.compare((references or {}).get(version), drift_values),
         }
     return {"readings": list(READINGS), "by_model": out, "refused_before_analysis": before_model}
+
+
+def card_references(local) -> dict:
+    """{model: drift reference} from the web app's own model's card (remote models' cards are not known here)."""
+    if local is None or not (local.card or {}).get("reference"):
+        return {}
+    return {f"{local.name} {local.version}".strip(): local.card["reference"]}
 
 
 def compare_with_card(perf: dict, card: dict | None) -> dict:

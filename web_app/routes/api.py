@@ -31,7 +31,7 @@ from ..cases import (
     read_upload,
 )
 from ..db import User
-from ..reviews import ReviewError, add_review, history, may_see_performance, performance, review_dict
+from ..reviews import ReviewError, add_review, card_references, history, may_see_performance, performance, review_dict
 from ..deps import api_user, get_db, lang_of
 from ..i18n import next_step, refusal_text
 from ..recalibration import CalibrationError, calibration_dict, current_threshold, model_key, readiness
@@ -178,7 +178,7 @@ def site_performance(request: Request, user: User = Depends(api_user), db: Sessi
     if not may_see_performance(db, user):
         raise HTTPException(403, "your role may not see the site's performance (an admin can allow technicians)")
     audit.record(db, "performance_view", user, request, via="api")
-    return performance(db)
+    return performance(db, card_references(request.app.state.router.local))
 
 
 @router.get("/site-export.zip", responses={200: {"content": {"application/zip": {}}}})

@@ -40,8 +40,10 @@ from ..recalibration import apply as apply_calibration
 from ..recalibration import preview as preview_calibration
 from ..recalibration import rollback as rollback_calibration
 from ..recalibration import versions as calibration_versions
+from .. import plots
 from ..reviews import (
     READINGS,
+    card_references,
     TECHNICIANS_REVIEW,
     ReviewError,
     add_review,
@@ -296,13 +298,15 @@ def worklist(request: Request, filter: str = "all", user: User = Depends(page_us
 
 
 def _performance(request: Request, user: User, db: Session, status: int = 200, **ctx) -> HTMLResponse:
-    perf = performance(db)
     local = request.app.state.router.local
+    perf = performance(db, card_references(local))
+    lang = lang_of(request)
+    images = {v: plots.page_images(m, lambda k: translate(k, lang)) for v, m in perf["by_model"].items()}
     calibration = {}
     if can(user.role, "admin"):  # recalibration: per model version seen at this site
         calibration = {m: {"readiness": readiness(db, m), "versions": calibration_versions(db, m),
                            "threshold": current_threshold(db, m, local)} for m in perf["by_model"]}
-    return render(request, "performance.html", user, status=status, perf=perf, calibration=calibration,
+    return render(request, "performance.html", user, status=status, perf=perf, calibration=calibration, images=images,
                   checks=compare_with_card(perf, getattr(local, "card", None)), **ctx)
 
 
@@ -312,6 +316,25 @@ def performance_page(request: Request, user: User = Depends(page_user), db: Sess
         raise HTTPException(403)
     audit.record(db, "performance_view", user, request)
     return _performance(request, user, db)
+
+
+@router.get("/performance.{fmt}")
+def performance_export(fmt: str, request: Request, user: User = Depends(page_user), db: Session = Depends(get_db)):
+    """The performance page as CSV (numbers) or PDF (numbers, warnings and plots), in the page's language."""
+    if not may_see_performance(db, user):
+        raise HTTPException(403)
+    if fmt not in ("csv", "pdf"):
+        raise HTTPException(404)
+    local = request.app.state.router.local
+    perf = performance(db, card_references(local))
+    audit.record(db, "export", user, request, kind=f"performance_{fmt}")
+    if fmt == "csv":
+        return Response(plots.performance_csv(perf), media_type="text/csv",
+                        headers={"Content-Disposition": 'attachment; filename="performance.csv"'})
+    lang = lang_of(request)
+    pdf = plots.performance_pdf(perf, compare_with_card(perf, getattr(local, "card", None)), lambda k: translate(k, lang),
+                                request.app.state.settings.clinic_name)
+    return Response(pdf, media_type="application/pdf", headers={"Content-Disposition": 'attachment; filename="performance.pdf"'})
 
 
 @router.post("/performance/recalibrate")

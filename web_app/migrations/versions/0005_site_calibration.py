@@ -1,5 +1,5 @@
-"""Local recalibration: versioned site calibrations, and on each case the model's own probabilities and the
-site calibration version its shown result used.
+"""Local recalibration: versioned site calibrations, and on each case the model's own probabilities, the
+site calibration version its shown result used, and the image's gray-level statistics (drift checks).
 
 Revision ID: 0005
 Revises: 0004
@@ -33,10 +33,12 @@ def upgrade() -> None:
     with op.batch_alter_table("cases") as b:
         b.add_column(sa.Column("model_probabilities", sa.JSON))
         b.add_column(sa.Column("calibration_version", sa.Integer))
+        b.add_column(sa.Column("image_stats", sa.JSON))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("cases") as b:
+        b.drop_column("image_stats")
         b.drop_column("calibration_version")
         b.drop_column("model_probabilities")
     op.drop_table("site_calibrations")
