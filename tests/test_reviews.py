@@ -85,6 +85,7 @@ def test_technicians_review_only_when_an_admin_allows_it(site, xray_paths):
     assert r.status_code == 403 and "admin can allow" in r.json()["detail"]
     assert t.get("/api/v1/performance", headers=tauth).status_code == 403
     assert t.get("/performance").status_code == 403 and 'data-testid="nav-performance"' not in t.get("/").text
+    assert t.get("/performance.pdf").status_code == 403 and t.get("/api/v1/site-export.zip", headers=tauth).status_code == 403
     assert 'data-testid="review-form"' not in t.get(f"/cases/{own['case_id']}").text
     # the admin allows it
     assert c.post("/admin/site", data={"csrf_token": csrf, "technicians_review": "1"}).status_code == 200
