@@ -143,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--baseline-model", default=None,
                     help="screen: also probe this served model's embedding and heatmaps (e.g. weights/cxr-screen.onnx)")
     ex.add_argument("--folds", default=None, help="full: only these held-out groups (comma-separated)")
+    ex.add_argument("--write-card", default=None, metavar="MODEL",
+                    help="record the result of --card-recipe (the model's own recipe) in this model's card")
+    ex.add_argument("--card-recipe", default="plain/group",
+                    help="screen: the result that stands for the carded model's recipe (1.5.0: plain/group)")
     ex.add_argument("--limit-per-source", type=int, default=None,
                     help="at most this many images per source and class (quick runs)")
     ex.add_argument("--arch", default="efficientnet_lite0")
@@ -153,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--candidate", required=True, help="loso.json or loso.json#NAME (a result of a screen)")
     sc.add_argument("--baseline", required=True, help="loso.json or loso.json#NAME")
     sc.add_argument("--tolerance", type=float, default=0.01)
+    rf = sub.add_parser("reference", help="histograms of the risk score and image gray levels on the validation split, "
+                                          "for the web app's drift check at a site; written into the model card")
+    rf.add_argument("--model", required=True)
+    rf.add_argument("--data", default=None, help="manifest with the validation split (default: the splits beside the model)")
+    rf.add_argument("--no-progress", action="store_true")
     sub.add_parser("archs", help="list registered architectures")
     return ap
 
@@ -256,9 +265,14 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 report = full(records, _config(args, arch=args.arch, epochs=args.epochs, out=args.out), Path(args.out),
                               args.folds.split(",") if args.folds else None, progress=not args.no_progress)
-            from .external import markdown
+            from .external import markdown, write_to_card
 
             print(markdown(report))
+            if args.write_card:
+                write_to_card(Path(args.write_card), report, args.card_recipe if args.mode == "screen" else "full",
+                              "python -m model_training " + shlex.join(sys.argv[1:] if argv is None else argv),
+                              Path(args.out) / "loso.png")
+                print(f"recorded in the card of {args.write_card}")
             print(f"written: {Path(args.out) / 'loso.json'}, loso.md, loso.png")
         elif args.cmd == "ship-check":
             from .ship_rule import decide, load_result
@@ -266,6 +280,16 @@ def main(argv: list[str] | None = None) -> int:
             verdict = decide(load_result(args.candidate), load_result(args.baseline), args.tolerance)
             print(json.dumps(verdict, indent=2))
             return 0 if verdict["ships"] else 1
+        elif args.cmd == "reference":
+            from uplink_server.model import ModelNotFound
+
+            from .reference import build, write
+
+            try:
+                ref = build(Path(args.model), args.data, progress=not args.no_progress)
+            except (ModelNotFound, FileNotFoundError) as exc:
+                raise DataError(str(exc)) from None
+            print(f"reference of {ref['n']} validation images written to {write(Path(args.model), ref)}")
         elif args.cmd == "compare":
             from .compare import compare
 

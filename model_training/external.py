@@ -28,7 +28,7 @@ from .calibration import calibrated_probs, fit_temperature
 from .datasets import Record, write_manifest
 from .labels import CLASSES
 from .metrics import binary_operating_point, compute_metrics
-from .splits import make_splits
+from .splits import find_near_duplicates, make_splits
 
 POSITIVE = "covid19"
 MIN_SPECIFICITY = 0.80  # the issue's operating point: sensitivity at specificity >= 0.80
@@ -61,12 +61,29 @@ def holdout_groups(records: list[Record]) -> dict[str, list[str]]:
     return dict(sorted(folds.items()))
 
 
-def fold_split(records: list[Record], held: list[str], val_frac: float = 0.1, seed: int = 0):
+def fold_split(records: list[Record], held: list[str], val_frac: float = 0.1, seed: int = 0, hashes: dict | None = None):
     """(train, val, test): the held-out sources are the test, whole; the others are split by patient into
-    train and validation (official splits of the other sources are ignored: all of them is training data)."""
+    train and validation (official splits of the other sources are ignored: all of them is training data).
+    With ``hashes`` ({path: perceptual hash}), training images that are near-duplicates of a held-out image (the
+    same radiograph in two collections) are left out: otherwise the held-out hospital is partly seen."""
     test = [replace(r, split="test") for r in records if r.source in held]
     rest = make_splits([replace(r, split="") for r in records if r.source not in held], val_frac, 0.0, seed)
+    if hashes:
+        recs = rest + test
+        dups = find_near_duplicates(recs, np.stack([hashes[r.path] for r in recs]))
+        seen = {d.b for d in dups if d.split_a == "test"}
+        rest = [r for r in rest if r.path not in seen]
     return [r for r in rest if r.split == "train"], [r for r in rest if r.split == "val"], test
+
+
+def image_hashes(records: list[Record], progress: bool = True) -> dict:
+    """{path: perceptual hash} (cached on disk by preflight), for fold_split's near-duplicate check."""
+    import os
+
+    from .preflight import hash_images
+
+    hashes, _ = hash_images(records, workers=max(1, os.cpu_count() or 1), progress=progress)
+    return {r.path: h for r, h in zip(records, hashes)}
 
 
 def limit_per_source(records: list[Record], n: int, seed: int = 0) -> list[Record]:
@@ -159,16 +176,18 @@ def screen(records: list[Record], out: Path, variants: list[str], recipes: list[
     by_path = {r.path: r for r in records}
     masks = [m for m in lungs.load_masks() if m.image in by_path]
     insrc = in_source_split(records, seed)
+    hashes = image_hashes(records, progress)
     report = {"mode": "screen", "arch": arch, "pretrained": pretrained, "folds": folds, "classes": classes,
               "n": len(records), "sources": dict(Counter(r.source for r in records)), "results": {}}
     for variant in variants:
         spec = variant_spec(variant)
         feats = extract(records, spec, arch, pretrained, map_paths=[m.image for m in masks], cache_dir=out / "cache",
                         progress=progress)
+        linear_probe = None
         for recipe in recipes:
             res = {"variant": variant, "recipe": recipe, "preprocessing": spec.to_dict(), "folds": {}}
             for fold, held in folds.items():
-                tr, va, te = fold_split(records, held, seed=seed)
+                tr, va, te = fold_split(records, held, seed=seed, hashes=hashes)
                 head = Head(recipe, len(classes), seed=seed).fit(
                     feats.of(tr), _labels(tr, classes), [r.source for r in tr], [r.age_group for r in tr])
                 t = fit_temperature(head.logits(feats.of(va)), _labels(va, classes))
@@ -197,11 +216,15 @@ def screen(records: list[Record], out: Path, variants: list[str], recipes: list[
             kerm = np.array([r.source == "kermany" for r in te])
             res["in_source"] = {"run_test_accuracy": float((probs.argmax(1) == y).mean()),
                                 "kermany_test_accuracy": float((probs.argmax(1) == y)[kerm].mean()) if kerm.any() else None}
-            res["probe"] = source_probe(head.embed(feats.of(records)), [r.label for r in records],
-                                        [r.source for r in records], [r.age_group for r in records], seed=seed)
+            if recipe == "adversarial" or linear_probe is None:  # linear heads read the same features: one probe
+                probe = source_probe(head.embed(feats.of(records)), [r.label for r in records],
+                                     [r.source for r in records], [r.age_group for r in records], seed=seed)
+                if recipe != "adversarial":
+                    linear_probe = probe
+            res["probe"] = probe if recipe == "adversarial" else linear_probe
             report["results"][f"{variant}/{recipe}"] = res
-            if progress:
-                print(f"{variant}/{recipe}: {summary_row(res)}", flush=True)
+            write_report(report, out)  # a long screen shows its results as they come
+            print(f"{variant}/{recipe}: {summary_row(res)}", flush=True)
     if baseline_model is not None:
         report["baseline"] = shipped_checks(Path(baseline_model), records, masks, seed, progress)
     write_report(report, out)
@@ -255,10 +278,11 @@ def full(records: list[Record], cfg, out: Path, only: list[str] | None = None, p
             raise ValueError(f"unknown fold(s) {unknown}: the folds of this data are {list(folds)}")
         folds = {f: folds[f] for f in only}
     report = {"mode": "full", "command": cfg.command, "folds": folds, "classes": classes, "results": {"full": {"folds": {}}}}
+    hashes = image_hashes(records, progress)
     for fold, held in folds.items():
         run = out / re.sub(r"[^A-Za-z0-9_.+-]", "_", fold)
         run.mkdir(parents=True, exist_ok=True)
-        tr, va, te = fold_split(records, held, seed=cfg.seed)
+        tr, va, te = fold_split(records, held, seed=cfg.seed, hashes=hashes)
         write_manifest(tr + va + te, run / "fold.csv")
         fcfg = replace(cfg, data=[str(run / "fold.csv")], out=str(run / "run"))
         train(fcfg)
@@ -336,17 +360,18 @@ def plot(report: dict, path: Path) -> None:
     names = list(report["results"])
     if not folds or not names:
         return
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names) * len(folds) / 2), 4))
+    fig, ax = plt.subplots(figsize=(min(14, max(6, 0.25 * len(names) * len(folds))), 4.5))
     width = 0.8 / len(names)
+    colours = plt.get_cmap("tab20")
     for i, name in enumerate(names):
         vals = [report["results"][name]["folds"].get(f, {}).get("covid19", {}).get("auc") or 0 for f in folds]
-        ax.bar(np.arange(len(folds)) + i * width, vals, width, label=name)
+        ax.bar(np.arange(len(folds)) + i * width, vals, width, label=name, color=colours(i % 20))
     ax.axhline(0.9, color="k", ls="--", lw=0.8)
     ax.set_xticks(np.arange(len(folds)) + 0.4 - width / 2, folds, fontsize=8)
     ax.set_ylim(0.4, 1.0)
     ax.set_ylabel("held-out COVID-19 ROC-AUC")
     ax.set_title("Leave one source out")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -356,3 +381,92 @@ def write_report(report: dict, out: Path) -> None:
     (out / "loso.json").write_text(json.dumps(report, indent=2))
     (out / "loso.md").write_text(markdown(report))
     plot(report, out / "loso.png")
+
+
+# ---- the model card --------------------------------------------------------------------------------------
+
+CARD_SECTION = "Hospitals it has not seen (leave one source out)"
+
+
+def card_summary(report: dict, recipe: str, command: str = "") -> dict:
+    """What a model card keeps of a LOSO report: the folds of ``recipe`` (the shipped model's recipe), the
+    best other recipe and the ship rule between them, the source probes and the heatmap share on the lungs."""
+    from .ship_rule import decide
+
+    res = report["results"][recipe]
+    keep = ("n", "accuracy", "ece", "counts", "auc", "covid19", "lung_share")
+    others = {k: v for k, v in report["results"].items() if k != recipe and v.get("worst_covid19")}
+    best = max(others, key=lambda k: others[k]["worst_covid19"]["auc"]) if others else None
+    return {
+        "mode": report["mode"], "recipe": recipe, "command": command, "folds": report["folds"],
+        "per_fold": {f: {k: m[k] for k in keep if k in m} for f, m in res["folds"].items()},
+        "worst_covid19": res.get("worst_covid19"), "in_source": res.get("in_source"), "probe": res.get("probe"),
+        "shipped_model": report.get("baseline"),
+        "best_other": None if best is None else {"recipe": best, "worst_covid19": others[best]["worst_covid19"],
+                                                  "in_source": others[best].get("in_source"),
+                                                  "probe": others[best].get("probe")},
+        "ship_rule": None if best is None else decide({"name": best, **others[best]}, {"name": recipe, **res}),
+    }
+
+
+def card_markdown(ext: dict) -> str:
+    lines = [f"Each source held out in turn: trained on the others, tested on it ({ext['mode']} of the recipe "
+             f"`{ext['recipe']}`" + (": frozen ImageNet features and a linear head, the fast screen, not this fine-tuned "
+                                    "model itself" if ext["mode"] == "screen" else "") + "). "
+             "A clinic in Ecuador is such a hospital; the in-source numbers above are not.", "",
+             "| held out | images (class: n) | accuracy | ROC-AUC | COVID-19 sens / spec as served | ECE |", "|---|---|---|---|---|---|"]
+    for f, m in ext["per_fold"].items():
+        aucs = ", ".join(f"{c} {v:.3f}" for c, v in m.get("auc", {}).items()) or "one class: none"
+        c = m.get("covid19", {})
+        served = f"{_f(c.get('sensitivity_served'), 2)} / {_f(c.get('specificity_served'), 2)}" if c else "-"
+        counts = ", ".join(f"{k}: {v}" for k, v in m["counts"].items())
+        lines.append(f"| {f} | {counts} | {m['accuracy']:.3f} | {aucs} | {served} | {m['ece']:.3f} |")
+    w = ext.get("worst_covid19") or {}
+    lines += ["", f"- Worst held-out COVID-19 ROC-AUC: {_f(w.get('auc'))} ({w.get('fold', '-')}); lowest sensitivity at "
+              f"specificity >= 0.80: {_f(w.get('sensitivity_at_spec'))} (targets 0.90 and 0.90)."]
+    probe = ext.get("probe") or {}
+    if probe:
+        lines.append(f"- Source probe on the recipe's embedding (label and age group held fixed): balanced accuracy "
+                     f"{_f(probe.get('balanced_accuracy'), 2)}, chance {_f(probe.get('chance'), 2)}.")
+    shipped = ext.get("shipped_model") or {}
+    if shipped:
+        sp, ls = shipped.get("probe") or {}, shipped.get("lung_share") or {}
+        lines.append(f"- This model ({shipped.get('version')}): source probe on its embedding {_f(sp.get('balanced_accuracy'), 2)} "
+                     f"(chance {_f(sp.get('chance'), 2)}); share of its heatmaps inside the lung masks {_f(ls.get('mean_share_in_lungs'), 2)} "
+                     f"on {ls.get('n', 0)} images (a flat map would get {_f(ls.get('mean_lung_area'), 2)}).")
+    b, rule = ext.get("best_other"), ext.get("ship_rule")
+    if b and rule:
+        lines.append(f"- Ship rule, best other recipe `{b['recipe']}` against `{ext['recipe']}`: "
+                     + ("ships" if rule["ships"] else "does not ship") + " (" + "; ".join(rule["checks"]) + ").")
+    if ext.get("command"):
+        lines.append(f"- Reproduce: `{ext['command']}`")
+    if ext.get("plot"):
+        lines += ["", f"![held-out COVID-19 ROC-AUC per recipe]({ext['plot']})"]
+    return "\n".join(lines) + "\n"
+
+
+def write_to_card(model_path: Path, report: dict, recipe: str, command: str = "", plot: Path | None = None) -> dict:
+    """Record the LOSO summary in a model's card (.json, and the section of its .md); ``plot`` (the report's
+    loso.png) is copied beside the card."""
+    import shutil
+
+    from uplink_server.model import find_card
+
+    from .model_card import replace_section
+
+    card_path = find_card(Path(model_path))
+    if card_path is None:
+        raise FileNotFoundError(f"no model card beside {model_path}")
+    if recipe not in report["results"]:
+        raise ValueError(f"the report has no result {recipe!r}: it has {', '.join(report['results'])}")
+    card = json.loads(card_path.read_text())
+    card["external"] = card_summary(report, recipe, command)
+    if plot is not None and Path(plot).is_file():
+        name = card_path.name.replace(".card.json", ".loso.png").replace("model_card.json", "loso.png")
+        shutil.copy(plot, card_path.with_name(name))
+        card["external"]["plot"] = name
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    md = card_path.with_name(card_path.name.replace(".card.json", ".card.md").replace("model_card.json", "model_card.md"))
+    if md.is_file():
+        replace_section(md, CARD_SECTION, card_markdown(card["external"]))
+    return card["external"]

@@ -41,7 +41,7 @@ class Head:
     """A head on standardised frozen features: ``fit(X, y, sources, age_groups)``, ``logits(X)``, ``embed(X)``."""
 
     def __init__(self, recipe: str = "erm", n_classes: int = 3, epochs: int = 300, lr: float = 1e-2,
-                 weight_decay: float = 1e-3, hidden: int = 256, adv_weight: float = 1.0, dro_eta: float = 0.05,
+                 weight_decay: float = 1e-3, hidden: int = 128, adv_weight: float = 1.0, dro_eta: float = 0.05,
                  seed: int = 0):
         if recipe not in RECIPES:
             raise ValueError(f"unknown recipe {recipe!r}: use one of {', '.join(RECIPES)}")

@@ -136,6 +136,20 @@ def card_markdown(card: dict) -> str:
     return "\n".join(lines)
 
 
+def replace_section(md: Path, head: str, body: str) -> None:
+    """Put ``## head`` with ``body`` into a card's Markdown, replacing that section when it is there already."""
+    text = md.read_text()
+    head = f"## {head}"
+    block = f"{head}\n\n{body.rstrip()}\n"
+    if head in text:
+        start = text.index(head)
+        end = text.find("\n## ", start + len(head))
+        text = text[:start] + block + (text[end:] if end != -1 else "")
+    else:
+        text = text.rstrip() + "\n\n" + block
+    md.write_text(text)
+
+
 def write_card(card: dict, path: Path) -> None:
     path.write_text(json.dumps(card, indent=2))
     md = path.with_suffix(".md") if path.name != "model_card.json" else path.parent / "model_card.md"

@@ -15,6 +15,8 @@ import numpy as np
 
 from uplink_server.uncertainty import margin
 
+from .model_card import replace_section
+
 
 def fit_margin_rule(probs: np.ndarray, labels: np.ndarray, target_error: float = 0.02) -> dict:
     """probs (N, C) as served (calibrated), labels (N,) class indices."""
@@ -70,7 +72,7 @@ def choose(model_path: Path, data: str | None, target_error: float, write_card: 
         card_path.write_text(json.dumps(card, indent=2) + "\n")
         md = card_path.with_name(card_path.name.replace(".card.json", ".card.md"))
         if md.is_file():
-            _note_in_markdown(md, rule)
+            replace_section(md, "Uncertainty rule", describe(rule))
     return rule
 
 
@@ -80,16 +82,3 @@ def describe(rule: dict) -> str:
             f"(chosen on the {rule['chosen_on']} for at most {rule['target_error']:.1%} errors among confident results): "
             f"{v['share_uncertain']:.1%} of {v['n']} validation images flagged; error {v['error_confident']:.2%} among "
             f"confident results, {v['error_uncertain']:.1%} among flagged ones ({v['error_all']:.2%} overall).")
-
-
-def _note_in_markdown(md: Path, rule: dict) -> None:
-    text = md.read_text()
-    head = "## Uncertainty rule"
-    block = f"{head}\n\n{describe(rule)}\n"
-    if head in text:
-        start = text.index(head)
-        end = text.find("\n## ", start + len(head))
-        text = text[:start] + block + (text[end:] if end != -1 else "")
-    else:
-        text = text.rstrip() + "\n\n" + block
-    md.write_text(text)

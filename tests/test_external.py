@@ -121,9 +121,14 @@ def test_lung_share_of_heatmaps_on_real_masks(data_root):
 
 
 def test_screen_and_ship_check_on_real_images(tmp_path, tiny_model, capsys):
+    import shutil
+
+    carded = tmp_path / "carded"
+    shutil.copytree(tiny_model.parent, carded)
     out = tmp_path / "screen"
     assert main(["external", "--limit-per-source", "14", "--variants", "plain", "--recipes", "erm,adversarial",
-                 "--baseline-model", str(tiny_model), "--out", str(out), "--no-progress"]) == 0
+                 "--baseline-model", str(tiny_model), "--out", str(out), "--no-progress",
+                 "--write-card", str(carded / "model.onnx"), "--card-recipe", "plain/erm"]) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "loso.json").read_text())
     assert set(report["results"]) == {"plain/erm", "plain/adversarial"}
@@ -142,6 +147,13 @@ def test_screen_and_ship_check_on_real_images(tmp_path, tiny_model, capsys):
     # the shipped-style checks: heatmaps of the served model on the masked images among the records
     assert 0 < report["baseline"]["lung_share"]["n"] <= res["folds"]["covid/ieee8023"]["counts"]["covid19"] + 20
     assert "probe" in report["baseline"]
+
+    # the card: the recipe's held-out table, the probe, the ship rule against the best other recipe, the plot
+    card = json.loads((carded / "model_card.json").read_text())["external"]
+    assert card["recipe"] == "plain/erm" and set(card["per_fold"]) == set(report["folds"])
+    assert card["best_other"]["recipe"] == "plain/adversarial" and "ships" in card["ship_rule"]
+    md = (carded / "model_card.md").read_text()
+    assert "## Hospitals it has not seen (leave one source out)" in md and (carded / card["plot"]).is_file()
 
     # the ship rule on two real results: a candidate never beats itself
     rc = main(["ship-check", "--candidate", f"{out / 'loso.json'}#plain/erm", "--baseline", f"{out / 'loso.json'}#plain/erm"])
@@ -177,3 +189,22 @@ def test_full_loso_fine_tunes_per_fold_and_tests_through_the_server(tmp_path, mi
     assert "covid/ieee8023" not in trained_on["metrics"]["val"]["by_source"]
     assert set(trained_on["metrics"]["test"]["by_source"]) == {"covid/ieee8023"}
     assert main(["external", "--mode", "full", "--folds", "nowhere", "--limit-per-source", "10", "--out", str(out)]) == 2
+
+
+def test_a_radiograph_in_two_collections_is_not_trained_on_when_its_twin_is_held_out(tmp_path, xray_paths):
+    import shutil
+
+    from model_training.datasets import Record
+    from model_training.external import image_hashes
+
+    twin = tmp_path / "twin.jpg"
+    shutil.copy(xray_paths["covid"][0], twin)
+    recs = [Record(path=str(p), label="covid19", source="a", patient_id=f"a{i}") for i, p in enumerate(xray_paths["covid"])]
+    recs += [Record(path=str(p), label="normal", source="a", patient_id=f"n{i}") for i, p in enumerate(xray_paths["adult_normal"])]
+    recs += [Record(path=str(twin), label="covid19", source="b", patient_id="b0"),
+             Record(path=str(xray_paths["kermany_normal"][0]), label="normal", source="b", patient_id="b1")]
+    tr, va, te = fold_split(recs, ["b"], val_frac=0.0, hashes=image_hashes(recs, progress=False))
+    kept = {r.path for r in tr + va}
+    assert str(xray_paths["covid"][0]) not in kept and len(kept) == len(recs) - 2 - 1
+    tr, va, te = fold_split(recs, ["b"], val_frac=0.0)  # without hashes: nothing checked
+    assert str(xray_paths["covid"][0]) in {r.path for r in tr + va}
