@@ -66,6 +66,22 @@ def predict_records(clf: Classifier, records, batch_size: int = 32, progress: bo
             np.concatenate(embs) if embs else None, thumbs, kept, unreadable)
 
 
+def predict_validation(model_path: Path, data: str | None = None, progress: bool = True):
+    """(classifier, raw logits, kept records) of a model on its validation split: the one in ``data``, else in the
+    splits manifest saved beside the model. What the uncertainty rule and the drift reference are chosen on."""
+    from .datasets import splits_beside
+
+    clf = Classifier(model_path)
+    spec = data or splits_beside(Path(model_path))
+    if spec is None:
+        raise FileNotFoundError(f"no splits manifest beside {model_path}; pass --data")
+    records = [r for r in load_spec(str(spec)) if r.split == "val"]
+    if not records:
+        raise ValueError(f"{spec} has no validation split")
+    logits, _, _, kept, _ = predict_records(clf, records, progress=progress)
+    return clf, logits, kept
+
+
 def evaluate(model_path: str | Path, data: list[str], split: str = "auto", out: Path | None = None,
              batch_size: int = 32, progress: bool = True, zoom: float = 1.0) -> dict:
     """``zoom`` > 1 is the framing stress test: every image cropped that much tighter before preprocessing."""

@@ -452,7 +452,7 @@ def write_to_card(model_path: Path, report: dict, recipe: str, command: str = ""
 
     from uplink_server.model import find_card
 
-    from .model_card import replace_section
+    from .model_card import markdown_path, replace_section
 
     card_path = find_card(Path(model_path))
     if card_path is None:
@@ -466,7 +466,7 @@ def write_to_card(model_path: Path, report: dict, recipe: str, command: str = ""
         shutil.copy(plot, card_path.with_name(name))
         card["external"]["plot"] = name
     card_path.write_text(json.dumps(card, indent=2) + "\n")
-    md = card_path.with_name(card_path.name.replace(".card.json", ".card.md").replace("model_card.json", "model_card.md"))
+    md = markdown_path(card_path)
     if md.is_file():
         replace_section(md, CARD_SECTION, card_markdown(card["external"]))
     return card["external"]

@@ -136,6 +136,12 @@ def card_markdown(card: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown_path(card_json: Path) -> Path:
+    """The Markdown beside a card: ``X.card.md`` for a shipped ``X.card.json``, ``model_card.md`` in a run folder."""
+    name = card_json.name
+    return card_json.with_name(name[: -len(".json")] + ".md") if name.endswith(".json") else card_json.with_suffix(".md")
+
+
 def replace_section(md: Path, head: str, body: str) -> None:
     """Put ``## head`` with ``body`` into a card's Markdown, replacing that section when it is there already."""
     text = md.read_text()

@@ -11,19 +11,9 @@ from uplink_server.imaging import decode
 
 
 def build(model_path: Path, data: str | None = None, progress: bool = True) -> dict:
-    from uplink_server.model import Classifier
+    from .evaluate import predict_validation
 
-    from .datasets import load_spec, splits_beside
-    from .evaluate import predict_records
-
-    clf = Classifier(model_path)
-    spec = data or splits_beside(model_path)
-    if spec is None:
-        raise FileNotFoundError(f"no splits manifest beside {model_path}; pass --data")
-    records = [r for r in load_spec(str(spec)) if r.split == "val"]
-    if not records:
-        raise ValueError(f"{spec} has no validation split")
-    logits, _, _, kept, _ = predict_records(clf, records, progress=progress)
+    clf, logits, kept = predict_validation(model_path, data, progress)
     probs = clf.probabilities(logits)
     risk = 1.0 - probs[:, clf.classes.index("normal")] if "normal" in clf.classes else probs.max(1)
     stats = [drift.image_statistics(decode(r.path).gray) for r in kept]

@@ -15,7 +15,7 @@ import numpy as np
 
 from uplink_server.uncertainty import margin
 
-from .model_card import replace_section
+from .model_card import markdown_path, replace_section
 
 
 def fit_margin_rule(probs: np.ndarray, labels: np.ndarray, target_error: float = 0.02) -> dict:
@@ -50,19 +50,11 @@ def fit_margin_rule(probs: np.ndarray, labels: np.ndarray, target_error: float =
 
 
 def choose(model_path: Path, data: str | None, target_error: float, write_card: bool, progress: bool = True) -> dict:
-    from uplink_server.model import Classifier, find_card
+    from uplink_server.model import find_card
 
-    from .datasets import load_spec, splits_beside
-    from .evaluate import predict_records
+    from .evaluate import predict_validation
 
-    clf = Classifier(model_path)
-    spec = data or splits_beside(model_path)
-    if spec is None:
-        raise FileNotFoundError(f"no splits manifest beside {model_path}; pass --data")
-    records = [r for r in load_spec(str(spec)) if r.split == "val"]
-    if not records:
-        raise ValueError(f"{spec} has no validation split")
-    logits, _, _, kept, _ = predict_records(clf, records, progress=progress)
+    clf, logits, kept = predict_validation(model_path, data, progress)
     labels = np.array([clf.classes.index(r.label) for r in kept])
     rule = fit_margin_rule(clf.probabilities(logits), labels, target_error)
     if write_card:
@@ -70,7 +62,7 @@ def choose(model_path: Path, data: str | None, target_error: float, write_card: 
         card = json.loads(card_path.read_text())
         card["uncertainty"] = rule
         card_path.write_text(json.dumps(card, indent=2) + "\n")
-        md = card_path.with_name(card_path.name.replace(".card.json", ".card.md"))
+        md = markdown_path(card_path)
         if md.is_file():
             replace_section(md, "Uncertainty rule", describe(rule))
     return rule

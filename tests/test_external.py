@@ -208,3 +208,21 @@ def test_a_radiograph_in_two_collections_is_not_trained_on_when_its_twin_is_held
     assert str(xray_paths["covid"][0]) not in kept and len(kept) == len(recs) - 2 - 1
     tr, va, te = fold_split(recs, ["b"], val_frac=0.0)  # without hashes: nothing checked
     assert str(xray_paths["covid"][0]) in {r.path for r in tr + va}
+
+
+def test_uncertainty_rule_and_drift_reference_are_chosen_on_the_validation_split(tmp_path, tiny_run, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "splits.csv").unlink()  # its paths are relative to where the run was written: read the original's
+    splits = str(tiny_run / "splits.csv")
+    assert main(["uncertainty", "--model", str(run / "model.onnx"), "--data", splits, "--write-card", "--no-progress"]) == 0
+    assert main(["reference", "--model", str(run / "model.onnx"), "--data", splits, "--no-progress"]) == 0
+    card = json.loads((run / "model_card.json").read_text())
+    n_val = sum(1 for line in (tiny_run / "splits.csv").read_text().splitlines() if ",val," in line)
+    assert card["uncertainty"]["validation"]["n"] == n_val == card["reference"]["n"]
+    assert abs(sum(card["reference"]["hist"]["risk"]) - 1) < 1e-3
+    assert "## Uncertainty rule" in (run / "model_card.md").read_text()
+    assert main(["reference", "--model", str(run / "model.onnx")]) == 2
+    assert "no splits manifest" in capsys.readouterr().err
