@@ -40,8 +40,7 @@ from ..recalibration import preview as preview_calibration
 from ..recalibration import rollback as rollback_calibration
 from ..recalibration import versions as calibration_versions
 from ..security import can
-from ..site_data import export_zip
-from .pages import _audit_query, _filtered, _get_case
+from .pages import _audit_query, _filtered, _get_case, site_export_response
 
 router = APIRouter(tags=["api"])
 
@@ -185,11 +184,7 @@ def site_performance(request: Request, user: User = Depends(api_user), db: Sessi
 def site_export(request: Request, user: User = Depends(api_user), db: Session = Depends(get_db)):
     """The reviewed cases as training data: images (de-identified, as stored) and manifest.csv (path, label from
     the doctor's newest reading, patient code as patient_id, source = site)."""
-    if not can(user.role, "export"):
-        raise HTTPException(403, "not allowed to export")
-    data, n = export_zip(db, request.app.state.settings)
-    audit.record(db, "export", user, request, kind="site_data", cases=n, via="api")
-    return Response(data, media_type="application/zip", headers={"Content-Disposition": 'attachment; filename="site-data.zip"'})
+    return site_export_response(request, user, db, via="api")
 
 
 class CalibrationIn(BaseModel):

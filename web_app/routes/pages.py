@@ -370,13 +370,18 @@ def rollback_page(request: Request, model: str = Form(""), csrf_token_: str = Fo
     return RedirectResponse("/performance", status_code=303)
 
 
+def site_export_response(request: Request, user: User, db: Session, **audit_detail) -> Response:
+    """The reviewed cases as training data (web_app.site_data), for the page and the API."""
+    if not can(user.role, "export"):
+        raise HTTPException(403, "not allowed to export")
+    data, n = export_zip(db, request.app.state.settings)
+    audit.record(db, "export", user, request, kind="site_data", cases=n, **audit_detail)
+    return Response(data, media_type="application/zip", headers={"Content-Disposition": 'attachment; filename="site-data.zip"'})
+
+
 @router.get("/site-export.zip")
 def site_export(request: Request, user: User = Depends(page_user), db: Session = Depends(get_db)):
-    if not can(user.role, "export"):
-        raise HTTPException(403)
-    data, n = export_zip(db, request.app.state.settings)
-    audit.record(db, "export", user, request, kind="site_data", cases=n)
-    return Response(data, media_type="application/zip", headers={"Content-Disposition": 'attachment; filename="site-data.zip"'})
+    return site_export_response(request, user, db)
 
 
 @router.get("/export.csv")
