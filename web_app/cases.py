@@ -26,8 +26,7 @@ from .db import AuditLog, Case, User
 from .inference import Job, ModelRouter, ModelUnavailable, Outcome
 from .recalibration import active as active_calibration
 from .recalibration import apply_to as apply_calibration
-from .recalibration import model_key
-from .reviews import review_dict
+from .reviews import model_key, review_dict
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from model_training.uncertainty import fit_margin_rule
 from uplink_server.uncertainty import margin
 
 from .db import Case, SiteCalibration, User, utcnow
-from .reviews import latest_reviews
+from .reviews import latest_reviews, model_key
 
 MIN_PER_CLASS = 20  # reviewed cases of each class the doctors read, at least two classes
 TARGET_ERROR = 0.02  # as the model card's rule: at most 2 % errors among results not flagged
@@ -32,10 +32,6 @@ class CalibrationError(ValueError):
     def __init__(self, code: str, message: str, status: int = 422):
         super().__init__(message)
         self.code, self.message, self.status = code, message, status
-
-
-def model_key(name: str | None, version: str | None) -> str:
-    return f"{name or ''} {version or ''}".strip()
 
 
 def active(db: Session, model: str) -> SiteCalibration | None:
@@ -83,7 +79,10 @@ def _reviewed(db: Session, model: str) -> tuple[np.ndarray, np.ndarray]:
 
 def readiness(db: Session, model: str) -> dict:
     """Reviewed cases per class against the minimum (shown on the page)."""
-    _, y = _reviewed(db, model)
+    return _readiness(_reviewed(db, model)[1])
+
+
+def _readiness(y: np.ndarray) -> dict:
     counts = {c: int((y == i).sum()) for i, c in enumerate(CLASSES)}
     enough = [c for c, n in counts.items() if n >= MIN_PER_CLASS]
     read = [c for c, n in counts.items() if n]
@@ -102,11 +101,11 @@ def _measure(probs: np.ndarray, y: np.ndarray, threshold: float) -> dict:
 
 def preview(db: Session, model: str, current_threshold: float) -> dict:
     """Fit on half the reviewed cases, check on the other half; nothing is written."""
-    ready = readiness(db, model)
+    probs, y = _reviewed(db, model)
+    ready = _readiness(y)
     if not ready["ready"]:
         raise CalibrationError("too_few", f"too few reviewed cases: {ready['counts']} (at least {MIN_PER_CLASS} of each "
                                           f"class read, and two classes)")
-    probs, y = _reviewed(db, model)
     rng = np.random.default_rng(SEED)
     fit = np.zeros(len(y), bool)
     for k in np.unique(y):  # stratified halves

@@ -26,6 +26,11 @@ NOTE_MAX = 1000
 TECHNICIANS_REVIEW = "technicians_review"  # site setting: "1" lets technicians review and see site performance
 
 
+def model_key(name: str | None, version: str | None) -> str:
+    """How a model version is named in results, site calibrations and drift references: "name version"."""
+    return f"{name or ''} {version or ''}".strip()
+
+
 class ReviewError(ValueError):
     """A review that cannot be recorded; ``code`` is translated (i18n ``rv_<code>``)."""
 
@@ -139,7 +144,7 @@ def performance(db: Session, references: dict | None = None) -> dict:
     before_model = 0  # refused before any model saw them (not an image, corrupt...): no model's doing
     for c in cases:
         if c.model_name:
-            by_version[f"{c.model_name} {c.model_version or ''}".strip()].append(c)
+            by_version[model_key(c.model_name, c.model_version)].append(c)
         else:
             before_model += 1
     out = {}
@@ -185,7 +190,7 @@ def card_references(local) -> dict:
     """{model: drift reference} from the web app's own model's card (remote models' cards are not known here)."""
     if local is None or not (local.card or {}).get("reference"):
         return {}
-    return {f"{local.name} {local.version}".strip(): local.card["reference"]}
+    return {model_key(local.name, local.version): local.card["reference"]}
 
 
 def compare_with_card(perf: dict, card: dict | None) -> dict:
@@ -194,7 +199,7 @@ def compare_with_card(perf: dict, card: dict | None) -> dict:
     card's value (the model does worse here than where it was validated)."""
     if not card:
         return {"version": None, "warnings": [], "card": {}}
-    version = f"{card.get('name', '')} {card.get('version', '')}".strip()
+    version = model_key(card.get("name"), card.get("version"))
     ref = ((card.get("metrics") or {}).get("test") or {}).get("per_class") or {}
     site = perf["by_model"].get(version)
     warnings = []

@@ -31,14 +31,23 @@ from ..cases import (
     read_upload,
 )
 from ..db import User
-from ..reviews import ReviewError, add_review, card_references, history, may_see_performance, performance, review_dict
 from ..deps import api_user, get_db, lang_of
 from ..i18n import next_step, refusal_text
-from ..recalibration import CalibrationError, calibration_dict, current_threshold, model_key, readiness
+from ..recalibration import CalibrationError, calibration_dict, current_threshold, readiness
 from ..recalibration import apply as apply_calibration
 from ..recalibration import preview as preview_calibration
 from ..recalibration import rollback as rollback_calibration
 from ..recalibration import versions as calibration_versions
+from ..reviews import (
+    ReviewError,
+    add_review,
+    card_references,
+    history,
+    may_see_performance,
+    model_key,
+    performance,
+    review_dict,
+)
 from ..security import can
 from .pages import _audit_query, _filtered, _get_case, site_export_response
 
