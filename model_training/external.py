@@ -160,13 +160,22 @@ def _labels(records: list[Record], classes: list[str]) -> np.ndarray:
     return np.array([classes.index(r.label) for r in records])
 
 
+def _fit_predict(recipe: str, feats, classes: list[str], tr, va, te, seed: int):
+    """A head of ``recipe`` fitted on ``tr``, its temperature on ``va``: (head, temperature, calibrated probs on ``te``)."""
+    from .heads import Head
+
+    head = Head(recipe, len(classes), seed=seed).fit(
+        feats.of(tr), _labels(tr, classes), [r.source for r in tr], [r.age_group for r in tr])
+    t = fit_temperature(head.logits(feats.of(va)), _labels(va, classes))
+    return head, t, calibrated_probs(head.logits(feats.of(te)), t)
+
+
 def screen(records: list[Record], out: Path, variants: list[str], recipes: list[str], arch: str = "efficientnet_lite0",
            pretrained: str = "imagenet", baseline_model: Path | None = None, seed: int = 0, progress: bool = True) -> dict:
     """LOSO of every (preprocessing variant, head recipe) on frozen features; also each one's in-source
     accuracy, source probe and heatmap share on the lungs. Writes loso.json, loso.md and loso.png."""
     from . import lungs
     from .features import extract, variant_spec
-    from .heads import Head
     from .probe import source_probe
 
     out = Path(out)
@@ -176,7 +185,12 @@ def screen(records: list[Record], out: Path, variants: list[str], recipes: list[
     by_path = {r.path: r for r in records}
     masks = [m for m in lungs.load_masks() if m.image in by_path]
     insrc = in_source_split(records, seed)
+    insrc = tuple([r for r in insrc if r.split == s] for s in ("train", "val", "test"))
     hashes = image_hashes(records, progress)
+    # the same folds for every variant and recipe: split (and search for near-duplicates) once
+    splits = {fold: fold_split(records, held, seed=seed, hashes=hashes) for fold, held in folds.items()}
+    fold_masks = {fold: [mk for mk in masks if by_path[mk.image].source in held] for fold, held in folds.items()}
+    mask_pixels = {mk.image: mk.load() for mk in masks}
     report = {"mode": "screen", "arch": arch, "pretrained": pretrained, "folds": folds, "classes": classes,
               "n": len(records), "sources": dict(Counter(r.source for r in records)), "results": {}}
     for variant in variants:
@@ -186,32 +200,22 @@ def screen(records: list[Record], out: Path, variants: list[str], recipes: list[
         linear_probe = None
         for recipe in recipes:
             res = {"variant": variant, "recipe": recipe, "preprocessing": spec.to_dict(), "folds": {}}
-            for fold, held in folds.items():
-                tr, va, te = fold_split(records, held, seed=seed, hashes=hashes)
-                head = Head(recipe, len(classes), seed=seed).fit(
-                    feats.of(tr), _labels(tr, classes), [r.source for r in tr], [r.age_group for r in tr])
-                t = fit_temperature(head.logits(feats.of(va)), _labels(va, classes))
-                probs = calibrated_probs(head.logits(feats.of(te)), t)
+            for fold, (tr, va, te) in splits.items():
+                head, t, probs = _fit_predict(recipe, feats, classes, tr, va, te, seed)
                 m = heldout_metrics(_labels(te, classes), probs, classes)
                 m["temperature"] = t
-                fold_masks = [mk for mk in masks if by_path[mk.image].source in held]
-                if fold_masks:
-                    fm = feats.maps_of([mk.image for mk in fold_masks])
-                    logits = head.logits(feats.of([by_path[mk.image] for mk in fold_masks]))
-                    cams = head.cam(fm, logits.argmax(1))
+                if fold_masks[fold]:
+                    paths = [mk.image for mk in fold_masks[fold]]
+                    logits = head.logits(feats.of([by_path[p] for p in paths]))
+                    cams = head.cam(feats.maps_of(paths), logits.argmax(1))
                     if cams is not None:
-                        ms = [mk.load() for mk in fold_masks]
+                        ms = [mask_pixels[p] for p in paths]
                         m["lung_share"] = lungs.summarize([lungs.lung_share(c, mk, spec.crop) for c, mk in zip(cams, ms)], ms)
                 res["folds"][fold] = m
             res["worst_covid19"] = worst_covid(res["folds"])
             # in-source: the same recipe on the usual split of every source
-            tr = [r for r in insrc if r.split == "train"]
-            head = Head(recipe, len(classes), seed=seed).fit(
-                feats.of(tr), _labels(tr, classes), [r.source for r in tr], [r.age_group for r in tr])
-            va = [r for r in insrc if r.split == "val"]
-            t = fit_temperature(head.logits(feats.of(va)), _labels(va, classes))
-            te = [r for r in insrc if r.split == "test"]
-            probs = calibrated_probs(head.logits(feats.of(te)), t)
+            head, _, probs = _fit_predict(recipe, feats, classes, *insrc, seed)
+            te = insrc[2]
             y = _labels(te, classes)
             kerm = np.array([r.source == "kermany" for r in te])
             res["in_source"] = {"run_test_accuracy": float((probs.argmax(1) == y).mean()),

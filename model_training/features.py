@@ -16,12 +16,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from uplink_server.errors import Refusal
-from uplink_server.imaging import decode
-from uplink_server.preprocessing import PreprocessSpec, preprocess
+from uplink_server.preprocessing import PreprocessSpec
 
 from .architectures import create_model
-from .datasets import DataError, Record
+from .datasets import Record
 
 # Preprocessing variants a screen compares, by name (see PreprocessSpec): what the backbone sees.
 VARIANTS = {
@@ -84,18 +82,12 @@ def _onnx_backbone(arch: str, pretrained: str, size: tuple[int, int], path: Path
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def _input(path: str, spec: PreprocessSpec) -> np.ndarray:
-    """What the training loader gives the network: the server's decoding and the one preprocess()."""
-    try:
-        return preprocess(decode(path).gray, spec)
-    except Refusal as exc:
-        raise DataError(f"{path}: {exc.message}") from None
-
-
 def extract(records: list[Record], spec: PreprocessSpec, arch: str = "efficientnet_lite0", pretrained: str = "imagenet",
             map_paths: list[str] | None = None, cache_dir: Path | None = None, batch_size: int = 64,
             progress: bool = True) -> Features:
     """Features of every record through a frozen (ImageNet or given) backbone, cached under ``cache_dir``."""
+    from .train import load_input  # what the training loader gives the network
+
     paths = sorted({r.path for r in records})
     map_paths = sorted(set(map_paths or []) & set(paths))
     cache = None
@@ -114,7 +106,7 @@ def extract(records: list[Record], spec: PreprocessSpec, arch: str = "efficientn
     for start in tqdm(range(0, len(paths), batch_size), desc=f"features ({spec.intensity}, crop {spec.crop})",
                       disable=not progress):
         chunk = paths[start:start + batch_size]
-        x = np.stack([_input(p, spec) for p in chunk])
+        x = np.stack([load_input(p, spec) for p in chunk])
         fmap = sess.run(["fmap"], {"input": x})[0]
         emb.append(fmap.mean(axis=(2, 3)))
         for j, p in enumerate(chunk):

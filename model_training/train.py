@@ -74,6 +74,15 @@ class TrainConfig:
     command: str = ""
 
 
+def load_input(path: str, spec: PreprocessSpec, augment=None) -> np.ndarray:
+    """One image as the network gets it: the server's decoding and the one preprocess() (with ``augment`` in training)."""
+    try:
+        gray = decode(path).gray
+    except Refusal as exc:
+        raise DataError(f"{path}: {exc.message}") from None
+    return preprocess(gray, spec, augment)
+
+
 class XrayDataset(Dataset):
     def __init__(self, records: list[Record], classes: list[str], spec: PreprocessSpec, augment=None, seed: int = 0):
         self.records = records
@@ -91,12 +100,7 @@ class XrayDataset(Dataset):
         if self.augment_cfg is not None and self._aug is None:
             info = torch.utils.data.get_worker_info()
             self._aug = Augmenter(self.augment_cfg, seed=self.seed * 1000 + (info.id if info else 0) + int(time.time()))
-        try:
-            gray = decode(r.path).gray
-        except Refusal as exc:
-            raise DataError(f"{r.path}: {exc.message}") from None
-        x = preprocess(gray, self.spec, self._aug)
-        return torch.from_numpy(x), self.index[r.label]
+        return torch.from_numpy(load_input(r.path, self.spec, self._aug)), self.index[r.label]
 
 
 def _seed_all(seed: int) -> None:
