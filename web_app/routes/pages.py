@@ -40,7 +40,6 @@ from ..recalibration import apply as apply_calibration
 from ..recalibration import preview as preview_calibration
 from ..recalibration import rollback as rollback_calibration
 from ..recalibration import versions as calibration_versions
-from .. import plots
 from ..reviews import (
     READINGS,
     card_references,
@@ -301,6 +300,8 @@ def _performance(request: Request, user: User, db: Session, status: int = 200, *
     local = request.app.state.router.local
     perf = performance(db, card_references(local))
     lang = lang_of(request)
+    from .. import plots  # matplotlib: only when a performance page is asked for, not at every start
+
     images = {v: plots.page_images(m, lambda k: translate(k, lang)) for v, m in perf["by_model"].items()}
     calibration = {}
     if can(user.role, "admin"):  # recalibration: per model version seen at this site
@@ -328,6 +329,8 @@ def performance_export(fmt: str, request: Request, user: User = Depends(page_use
     local = request.app.state.router.local
     perf = performance(db, card_references(local))
     audit.record(db, "export", user, request, kind=f"performance_{fmt}")
+    from .. import plots
+
     if fmt == "csv":
         return Response(plots.performance_csv(perf), media_type="text/csv",
                         headers={"Content-Disposition": 'attachment; filename="performance.csv"'})
