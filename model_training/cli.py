@@ -31,9 +31,13 @@ def _add_train_args(p: argparse.ArgumentParser, compare: bool = False) -> None:
     p.add_argument("--balance", choices=["weights", "sampler", "group", "source", "none"], default=d.balance,
                    help="class imbalance: loss weights, class-balanced sampling, or sampling balanced per age group "
                         "(group) or per data source (source) and class")
-    p.add_argument("--intensity", default=d.intensity, choices=["none", "equalize"],
-                   help="intensity normalisation in the one preprocessing function (equalize: histogram equalisation)")
+    p.add_argument("--intensity", default=d.intensity, choices=["none", "equalize", "clahe"],
+                   help="intensity normalisation in the one preprocessing function (equalize: histogram equalisation; "
+                        "clahe: contrast-limited adaptive equalisation, needs scikit-image)")
     p.add_argument("--crop", type=float, default=d.crop, help="share of each side cut before resizing (borders, text, markers)")
+    p.add_argument("--roi", default=d.roi, choices=["frame", "lungs"],
+                   help="what the model reads: the whole frame, or the box around the lungs found by the lung segmenter "
+                        "(weights/lung-segmenter.onnx; `segmenter` trains it)")
     p.add_argument("--patience", type=int, default=d.patience, help="early stopping patience (epochs) on validation loss")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--limit", type=int, default=None, help="at most this many images per split (quick runs)")
@@ -55,7 +59,7 @@ def _config(args, **over):
         epochs=getattr(args, "epochs", 5), out=getattr(args, "out", "runs/latest"),
         pretrained=args.pretrained, img_size=args.img_size, batch_size=args.batch_size, lr=args.lr,
         backbone_lr=args.backbone_lr, freeze_epochs=args.freeze_epochs, finetune_blocks=args.finetune_blocks, frozen_bn=args.frozen_bn,
-        augment=args.augment, balance=args.balance, intensity=args.intensity, crop=args.crop, patience=args.patience, seed=args.seed, limit=args.limit,
+        augment=args.augment, balance=args.balance, intensity=args.intensity, crop=args.crop, roi=args.roi, patience=args.patience, seed=args.seed, limit=args.limit,
         samples_per_epoch=args.samples_per_epoch, val_frac=args.val_frac, test_frac=args.test_frac,
         workers=args.workers, skip_unreadable=args.skip_unreadable, uncertain_threshold=args.uncertain_threshold,
         progress=not args.no_progress, device=args.device, command="python -m model_training " + shlex.join(sys.argv[1:]),
@@ -136,8 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--mode", choices=["screen", "full"], default="screen")
     ex.add_argument("--data", action="append", help="data spec(s) (default mix: every shared source)")
     ex.add_argument("--out", default="runs/external")
-    ex.add_argument("--variants", default="plain,equalize,crop,equalize+crop",
-                    help="screen: preprocessing variants (plain, equalize, crop, equalize+crop)")
+    ex.add_argument("--variants", default="plain,equalize,clahe,lungs,equalize+lungs",
+                    help="screen: preprocessing variants (plain, equalize, clahe, crop, lungs and '+' combinations "
+                         "such as equalize+lungs; lungs needs the lung segmenter)")
     ex.add_argument("--recipes", default="erm,group,source,dro,adversarial",
                     help="screen: head recipes (erm, group, source, dro, adversarial)")
     ex.add_argument("--baseline-model", default=None,
@@ -162,6 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--model", required=True)
     rf.add_argument("--data", default=None, help="manifest with the validation split (default: the splits beside the model)")
     rf.add_argument("--no-progress", action="store_true")
+    sg = sub.add_parser("segmenter", help="train the lung segmenter on the public lung masks (for --roi lungs), check it "
+                                          "on patients it never saw, export it to ONNX with its card")
+    sg.add_argument("--out", default="weights/lung-segmenter.onnx")
+    sg.add_argument("--epochs", type=int, default=40)
+    sg.add_argument("--batch-size", type=int, default=16)
+    sg.add_argument("--val-frac", type=float, default=0.2, help="share of patients kept out to check it")
+    sg.add_argument("--limit-patients", type=int, default=None, help="train on this many patients only (quick runs)")
+    sg.add_argument("--check-sources", default="public,radiography",
+                    help="data specs without masks on which the found-lungs rate is reported ('' for none)")
+    sg.add_argument("--seed", type=int, default=0)
+    sg.add_argument("--no-progress", action="store_true")
     sub.add_parser("archs", help="list registered architectures")
     return ap
 
@@ -274,6 +290,20 @@ def main(argv: list[str] | None = None) -> int:
                               Path(args.out) / "loso.png")
                 print(f"recorded in the card of {args.write_card}")
             print(f"written: {Path(args.out) / 'loso.json'}, loso.md, loso.png")
+        elif args.cmd == "segmenter":
+            from .datasets import load_spec
+            from .model_card import markdown_path
+            from .segmenter import SegmenterConfig, card_markdown, found_rate, train_segmenter
+
+            cfg = SegmenterConfig(out=args.out, epochs=args.epochs, batch_size=args.batch_size, val_frac=args.val_frac,
+                                  limit_patients=args.limit_patients, seed=args.seed, progress=not args.no_progress)
+            card = train_segmenter(cfg, "python -m model_training " + shlex.join(sys.argv[1:] if argv is None else argv))
+            card["other_sources"] = {spec: found_rate(load_spec(spec), Path(args.out), seed=args.seed)
+                                     for spec in filter(None, (s.strip() for s in args.check_sources.split(",")))}
+            card_path = Path(args.out).with_name(Path(args.out).name.replace(".onnx", ".card.json"))
+            card_path.write_text(json.dumps(card, indent=2) + "\n")
+            markdown_path(card_path).write_text(card_markdown(card))
+            print(card_markdown(card))
         elif args.cmd == "ship-check":
             from .ship_rule import decide, load_result
 

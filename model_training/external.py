@@ -197,6 +197,7 @@ def screen(records: list[Record], out: Path, variants: list[str], recipes: list[
         spec = variant_spec(variant)
         feats = extract(records, spec, arch, pretrained, map_paths=[m.image for m in masks], cache_dir=out / "cache",
                         progress=progress)
+        boxes = lungs.read_boxes([m.image for m in masks], spec)
         linear_probe = None
         for recipe in recipes:
             res = {"variant": variant, "recipe": recipe, "preprocessing": spec.to_dict(), "folds": {}}
@@ -210,7 +211,7 @@ def screen(records: list[Record], out: Path, variants: list[str], recipes: list[
                     cams = head.cam(feats.maps_of(paths), logits.argmax(1))
                     if cams is not None:
                         ms = [mask_pixels[p] for p in paths]
-                        m["lung_share"] = lungs.summarize([lungs.lung_share(c, mk, spec.crop) for c, mk in zip(cams, ms)], ms)
+                        m["lung_share"] = lungs.summarize([lungs.lung_share(c, mk, boxes[p]) for c, mk, p in zip(cams, ms, paths)], ms)
                 res["folds"][fold] = m
             res["worst_covid19"] = worst_covid(res["folds"])
             # in-source: the same recipe on the usual split of every source
@@ -259,8 +260,9 @@ def shipped_checks(model_path: Path, records: list[Record], masks, seed: int = 0
     if masks:
         preds = clf.predict_batch([m.image for m in masks])
         ms = [m.load() for m in masks]
-        out["lung_share"] = lungs.summarize([lungs.lung_share(p.heatmap, mk, clf.spec.crop) for p, mk in zip(preds, ms)
-                                             if p.heatmap is not None], ms)
+        boxes = lungs.read_boxes([m.image for m in masks], clf.spec)
+        out["lung_share"] = lungs.summarize([lungs.lung_share(p.heatmap, mk, boxes[m.image])
+                                             for p, mk, m in zip(preds, ms, masks) if p.heatmap is not None], ms)
     return out
 
 

@@ -21,19 +21,24 @@ from uplink_server.preprocessing import PreprocessSpec
 from .architectures import create_model
 from .datasets import Record
 
-# Preprocessing variants a screen compares, by name (see PreprocessSpec): what the backbone sees.
+# Preprocessing variants a screen compares, by name (see PreprocessSpec): what the backbone sees. Names
+# join with "+" (equalize+lungs).
 VARIANTS = {
     "plain": {},
     "equalize": {"intensity": "equalize"},
+    "clahe": {"intensity": "clahe"},
     "crop": {"crop": 0.08},
-    "equalize+crop": {"intensity": "equalize", "crop": 0.08},
+    "lungs": {"roi": "lungs"},
 }
 
 
 def variant_spec(name: str, size: int = 224) -> PreprocessSpec:
-    if name not in VARIANTS:
-        raise ValueError(f"unknown preprocessing variant {name!r}: use one of {', '.join(VARIANTS)}")
-    return PreprocessSpec(size=(size, size), **VARIANTS[name])
+    fields = {}
+    for part in name.split("+"):
+        if part not in VARIANTS:
+            raise ValueError(f"unknown preprocessing variant {part!r}: use {', '.join(VARIANTS)} or '+' combinations")
+        fields.update(VARIANTS[part])
+    return PreprocessSpec(size=(size, size), **fields)
 
 
 class Features:
@@ -103,7 +108,7 @@ def extract(records: list[Record], spec: PreprocessSpec, arch: str = "efficientn
     want = {p: i for i, p in enumerate(map_paths)}
     emb, maps = [], [None] * len(map_paths)
     # decoding costs about a quarter of the network here: in line, without a loader process shipping tensors
-    for start in tqdm(range(0, len(paths), batch_size), desc=f"features ({spec.intensity}, crop {spec.crop})",
+    for start in tqdm(range(0, len(paths), batch_size), desc=f"features ({spec.intensity}, crop {spec.crop}, {spec.roi})",
                       disable=not progress):
         chunk = paths[start:start + batch_size]
         x = np.stack([load_input(p, spec) for p in chunk])

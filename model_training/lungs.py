@@ -24,6 +24,7 @@ class LungMask:
     image: str  # absolute path of the X-ray
     mask_path: str
     label: str
+    patient_id: str = ""
 
     def load(self) -> np.ndarray:
         """Boolean (H, W) at the size of the stored image."""
@@ -36,16 +37,25 @@ def load_masks(root: Path | None = None) -> list[LungMask]:
     if not csv_path.is_file():
         return []
     with open(csv_path, newline="") as fh:
-        return [LungMask(str((root / r["image"]).resolve()), str((root / r["mask"]).resolve()), r["label"])
+        return [LungMask(str((root / r["image"]).resolve()), str((root / r["mask"]).resolve()), r["label"],
+                         r.get("patient_id", ""))
                 for r in csv.DictReader(fh)]
 
 
-def lung_share(cam: np.ndarray, mask: np.ndarray, crop: float = 0.0) -> float:
-    """Share of the shown heatmap (rectified, normalised, drawn over the image as the server does) inside
-    the lung mask; NaN for an empty heatmap."""
-    heat = in_frame(normalize_cam(cam), (mask.shape[1], mask.shape[0]), crop)
+def lung_share(cam: np.ndarray, mask: np.ndarray, box: tuple[int, int, int, int] | None = None) -> float:
+    """Share of the shown heatmap (rectified, normalised, drawn over the image as the server does, into the
+    ``box`` the model read) inside the lung mask; NaN for an empty heatmap."""
+    heat = in_frame(normalize_cam(cam), (mask.shape[1], mask.shape[0]), box)
     total = float(heat.sum())
     return float(heat[mask].sum() / total) if total > 0 else float("nan")
+
+
+def read_boxes(paths: list[str], spec) -> dict[str, tuple[int, int, int, int]]:
+    """{path: the box the model reads in that stored image under ``spec``} (what lung_share draws into)."""
+    from uplink_server.imaging import decode
+    from uplink_server.preprocessing import view_box
+
+    return {p: view_box(decode(p).gray, spec) for p in paths}
 
 
 def summarize(shares: list[float], masks: list[np.ndarray]) -> dict:

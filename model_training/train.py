@@ -59,6 +59,7 @@ class TrainConfig:
     balance: str = "weights"  # weights | sampler | group | source | none
     intensity: str = "none"  # none | equalize (PreprocessSpec)
     crop: float = 0.0  # share of each side cut before resizing (PreprocessSpec)
+    roi: str = "frame"  # frame | lungs: what the model reads (PreprocessSpec)
     patience: int = 3
     seed: int = 0
     limit: int | None = None  # images per split, for quick runs
@@ -204,7 +205,7 @@ def _build(cfg: TrainConfig, records: list[Record], classes: list[str], pretrain
     if size < arch.min_size:
         print(f"note: {arch.name} needs inputs of at least {arch.min_size} px; using {arch.min_size} instead of {size}")
         size = arch.min_size
-    spec = PreprocessSpec(size=(size, size), intensity=cfg.intensity, crop=cfg.crop)
+    spec = PreprocessSpec(size=(size, size), intensity=cfg.intensity, crop=cfg.crop, roi=cfg.roi)
     by_split = split_records(records)
     eval_ds = {s: XrayDataset(by_split[s], classes, spec) for s in ("val", "test") if by_split[s]}
     loader_kw = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, persistent_workers=cfg.workers > 0,

@@ -34,28 +34,31 @@ def _jet(v: np.ndarray) -> np.ndarray:
     return np.stack([r, g, b], axis=-1)
 
 
-def in_frame(cam: np.ndarray, size: tuple[int, int], crop: float = 0.0) -> np.ndarray:
-    """The [0, 1] map upsampled to the whole image (width, height); a model that saw only the centre
-    (``crop`` of each side cut) gets its map drawn into that box, zero outside."""
-    if not crop:
-        return upsample(cam, size)
-    from .preprocessing import crop_box
-
+def in_frame(cam: np.ndarray, size: tuple[int, int], box: tuple[int, int, int, int] | None = None,
+             shape: tuple[int, int] | None = None) -> np.ndarray:
+    """The [0, 1] map upsampled to the whole image (width, height); a model that read only part of it
+    (``box`` = top, bottom, left, right in an image of ``shape``, default ``size``'s) gets its map drawn
+    into that box, zero outside."""
     w, h = size
-    top, bottom, left, right = crop_box((h, w), crop)
+    if box is None or tuple(box) == (0, shape[0] if shape else h, 0, shape[1] if shape else w):
+        return upsample(cam, size)
+    sh, sw = shape or (h, w)
+    top, bottom = round(box[0] * h / sh), round(box[1] * h / sh)
+    left, right = round(box[2] * w / sw), round(box[3] * w / sw)
     heat = np.zeros((h, w), np.float32)
     if bottom > top and right > left:
         heat[top:bottom, left:right] = upsample(cam, (right - left, bottom - top))
     return heat
 
 
-def overlay(gray: np.ndarray, cam: np.ndarray, alpha: float = 0.45, max_side: int = 768, crop: float = 0.0) -> Image.Image:
+def overlay(gray: np.ndarray, cam: np.ndarray, alpha: float = 0.45, max_side: int = 768,
+            box: tuple[int, int, int, int] | None = None) -> Image.Image:
     """Blend the heatmap over the X-ray (RGB image, at most ``max_side`` px)."""
     h, w = gray.shape
     scale = min(1.0, max_side / max(h, w))
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     base = np.asarray(Image.fromarray((np.clip(gray, 0, 1) * 255).astype(np.uint8)).resize(size, Image.BILINEAR), np.float32) / 255
-    heat = in_frame(cam, size, crop)
+    heat = in_frame(cam, size, box, gray.shape)
     rgb = np.repeat(base[..., None], 3, axis=2)
     a = (alpha * heat)[..., None]  # weak evidence stays transparent
     out = (1 - a) * rgb + a * _jet(heat)

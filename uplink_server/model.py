@@ -14,7 +14,7 @@ import numpy as np
 from . import gradcam, ood
 from .errors import Refusal
 from .imaging import DecodedImage, decode
-from .preprocessing import PreprocessSpec, preprocess
+from .preprocessing import PreprocessSpec, preprocess, view_box
 from .uncertainty import UncertaintyRule, margin
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -186,6 +186,13 @@ class Classifier:
         self.card = card
         self.classes: list[str] = list(card["classes"])
         self.spec = PreprocessSpec.from_dict(card["preprocessing"])
+        if self.spec.roi == "lungs":  # a missing segmenter stops the start, not every request
+            from .lungfield import SegmenterMissing, check_segmenter
+
+            try:
+                check_segmenter()
+            except SegmenterMissing as exc:
+                raise ModelNotFound(f"{path} reads the lung field: {exc}") from None
         self.temperature = float(card.get("calibration", {}).get("temperature", 1.0))
         self.uncertainty = UncertaintyRule.from_card(card)
         self.name = card.get("name", path.stem)
@@ -285,5 +292,5 @@ class Classifier:
         pred.uncertain = self.uncertainty.is_uncertain(probs)
         if heatmap and cam is not None:
             pred.heatmap = gradcam.normalize_cam(cam[k])
-            pred.heatmap_png = gradcam.to_png(gradcam.overlay(p.image.gray, pred.heatmap, crop=self.spec.crop))
+            pred.heatmap_png = gradcam.to_png(gradcam.overlay(p.image.gray, pred.heatmap, box=view_box(p.image.gray, self.spec)))
         return pred

@@ -28,9 +28,12 @@ class PreprocessSpec:
     layout: str = field(default="NCHW")  # Keras models take NHWC
     # Against the hospital shortcut (issue 16): machines differ in exposure curve and borders carry
     # text, markers and collimation. "equalize" maps the image through its own histogram so every
-    # machine's output spans the same intensities; ``crop`` cuts this share of each side before resizing.
-    intensity: str = "none"  # none | equalize
+    # machine's output spans the same intensities ("clahe" then adds contrast-limited local equalisation);
+    # ``crop`` cuts this share of each side before resizing; ``roi="lungs"`` reads only the box around the
+    # lung field that the lung segmenter finds (uplink_server.lungfield).
+    intensity: str = "none"  # none | equalize | clahe
     crop: float = 0.0
+    roi: str = "frame"  # frame | lungs
 
     def __post_init__(self):
         check_spec(self)
@@ -53,6 +56,7 @@ class PreprocessSpec:
             layout=d.get("layout", "NCHW"),
             intensity=d.get("intensity", "none"),
             crop=float(d.get("crop", 0.0)),
+            roi=d.get("roi", "frame"),
         )
 
 
@@ -71,7 +75,8 @@ def resize_gray(gray: np.ndarray, size: tuple[int, int], resample: str = "biline
     return np.asarray(img.resize((w, h), _RESAMPLE[resample]), dtype=np.float32)
 
 
-INTENSITY_MODES = ("none", "equalize")
+INTENSITY_MODES = ("none", "equalize", "clahe")
+ROI_MODES = ("frame", "lungs")
 
 
 def check_spec(spec: PreprocessSpec) -> None:
@@ -79,6 +84,10 @@ def check_spec(spec: PreprocessSpec) -> None:
         raise ValueError(f"unknown intensity normalisation {spec.intensity!r}: use one of {', '.join(INTENSITY_MODES)}")
     if not 0.0 <= spec.crop < 0.5:
         raise ValueError(f"crop must be a share of each side in [0, 0.5), got {spec.crop}")
+    if spec.roi not in ROI_MODES:
+        raise ValueError(f"unknown region of interest {spec.roi!r}: use one of {', '.join(ROI_MODES)}")
+    if spec.roi != "frame" and spec.crop:
+        raise ValueError("crop and roi='lungs' both choose what the model sees: use one")
 
 
 def crop_box(shape: tuple[int, int], crop: float) -> tuple[int, int, int, int]:
@@ -87,6 +96,26 @@ def crop_box(shape: tuple[int, int], crop: float) -> tuple[int, int, int, int]:
     h, w = shape
     dy, dx = int(round(h * crop)), int(round(w * crop))
     return dy, h - dy, dx, w - dx
+
+
+def view_box(gray: np.ndarray, spec: PreprocessSpec) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the part of ``gray`` the model reads under ``spec``."""
+    if spec.roi == "lungs":
+        from .lungfield import lung_box
+
+        return lung_box(gray)
+    return crop_box(gray.shape, spec.crop)
+
+
+def clahe(x: np.ndarray) -> np.ndarray:
+    """Histogram equalisation, then contrast-limited adaptive histogram equalisation (scikit-image's) of a
+    [0, 1] image. CLAHE alone at the usual clip limit keeps most of a machine's exposure curve (its clipping is
+    what limits noise); equalising first removes the curve, CLAHE then brings out local contrast."""
+    try:
+        from skimage.exposure import equalize_adapthist
+    except ImportError:
+        raise RuntimeError("intensity='clahe' needs scikit-image: pip install scikit-image") from None
+    return equalize_adapthist(equalize(x).astype(np.float64), clip_limit=0.01).astype(np.float32)
 
 
 def equalize(x: np.ndarray, bins: int = 256) -> np.ndarray:
@@ -109,8 +138,8 @@ def preprocess(
     ``augment`` (training only) receives the resized gray image and returns one
     of the same shape; serving never passes it.
     """
-    if spec.crop:
-        top, bottom, left, right = crop_box(gray.shape, spec.crop)
+    if spec.crop or spec.roi != "frame":
+        top, bottom, left, right = view_box(gray, spec)
         gray = gray[top:bottom, left:right]
     x = resize_gray(gray, spec.size, spec.resample)
     if augment is not None:
@@ -118,6 +147,8 @@ def preprocess(
     x = np.clip(x, 0.0, 1.0)
     if spec.intensity == "equalize":  # after augmentation: machine-like exposure changes are undone as at serving
         x = equalize(x)
+    elif spec.intensity == "clahe":
+        x = clahe(x)
     mean = np.asarray(spec.mean, np.float32)[: spec.channels]
     std = np.asarray(spec.std, np.float32)[: spec.channels]
     chw = (np.repeat(x[None], spec.channels, axis=0) - mean[:, None, None]) / std[:, None, None]
