@@ -35,9 +35,9 @@ def _add_train_args(p: argparse.ArgumentParser, compare: bool = False) -> None:
                    help="intensity normalisation in the one preprocessing function (equalize: histogram equalisation; "
                         "clahe: contrast-limited adaptive equalisation, needs scikit-image)")
     p.add_argument("--crop", type=float, default=d.crop, help="share of each side cut before resizing (borders, text, markers)")
-    p.add_argument("--roi", default=d.roi, choices=["frame", "lungs"],
-                   help="what the model reads: the whole frame, or the box around the lungs found by the lung segmenter "
-                        "(weights/lung-segmenter.onnx; `segmenter` trains it)")
+    p.add_argument("--roi", default=d.roi, choices=["frame", "lungs", "lungmask"],
+                   help="what the model reads: the whole frame, the box around the lungs found by the lung segmenter "
+                        "(weights/lung-segmenter.onnx; `segmenter` trains it), or that box with all but the lungs blacked out")
     p.add_argument("--patience", type=int, default=d.patience, help="early stopping patience (epochs) on validation loss")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--limit", type=int, default=None, help="at most this many images per split (quick runs)")
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--data", action="append", help="data spec(s) (default mix: every shared source)")
     ex.add_argument("--out", default="runs/external")
     ex.add_argument("--variants", default="plain,equalize,clahe,lungs,equalize+lungs",
-                    help="screen: preprocessing variants (plain, equalize, clahe, crop, lungs and '+' combinations "
+                    help="screen: preprocessing variants (plain, equalize, clahe, crop, lungs, lungmask and '+' combinations "
                          "such as equalize+lungs; lungs needs the lung segmenter)")
     ex.add_argument("--recipes", default="erm,group,source,dro,adversarial",
                     help="screen: head recipes (erm, group, source, dro, adversarial)")

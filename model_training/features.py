@@ -29,6 +29,7 @@ VARIANTS = {
     "clahe": {"intensity": "clahe"},
     "crop": {"crop": 0.08},
     "lungs": {"roi": "lungs"},
+    "lungmask": {"roi": "lungmask"},
 }
 
 

@@ -69,6 +69,12 @@ def test_lungs_roi_reads_only_the_box_around_the_lungs(xray_paths, monkeypatch):
         top, bottom, left, right = view_box(gray, spec)
         assert 0 <= top < bottom <= gray.shape[0] and 0 <= left < right <= gray.shape[1]
         assert np.allclose(preprocess(gray, spec), preprocess(gray[top:bottom, left:right], PreprocessSpec(size=(64, 64))))
+        # lungmask: the same box, with what is not lung (grown a little) blacked out
+        masked = preprocess(gray, PreprocessSpec(size=(64, 64), roi="lungmask", mean=(0.0,), std=(1.0,), channels=1))[0]
+        assert view_box(gray, PreprocessSpec(roi="lungmask")) == (top, bottom, left, right)
+        black = masked < 0.02
+        assert 0.15 < black.mean() < 0.7, path  # the mediastinum and the corners of the box
+        assert not black[20:44, 8:20].all() and not black[20:44, 44:56].all()  # the lungs themselves are kept
 
 
 def test_segmenter_trains_on_the_real_masks_and_beats_a_mask_of_everything(tmp_path):

@@ -90,3 +90,18 @@ def box_from_mask(mask: np.ndarray, shape: tuple[int, int], margin: float = MARG
 def lung_box(gray: np.ndarray, path: Path | None = None) -> tuple[int, int, int, int]:
     """(top, bottom, left, right) of the lung field of a gray [0, 1] image, with a margin."""
     return box_from_mask(lung_probability([gray], path)[0] > 0.5, gray.shape)
+
+
+def lung_field(gray: np.ndarray, path: Path | None = None, grow: int = 9) -> tuple[tuple[int, int, int, int], np.ndarray]:
+    """The lung box and a soft mask at ``gray``'s size: the lungs grown by about ``grow`` / SIZE of the image
+    (edges and the costophrenic angles stay in), 1 inside, fading to 0 outside. Where no lungs are found the
+    mask is all ones: the model reads the whole frame."""
+    from PIL import Image, ImageFilter
+
+    mask = lung_probability([gray], path)[0] > 0.5
+    box = box_from_mask(mask, gray.shape)
+    if box == (0, gray.shape[0], 0, gray.shape[1]) and mask.mean() < MIN_LUNG_SHARE:
+        return box, np.ones(gray.shape, np.float32)
+    grown = Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(grow)).filter(ImageFilter.BoxBlur(2))
+    soft = np.asarray(grown.resize(gray.shape[::-1], Image.BILINEAR), np.float32) / 255.0
+    return box, soft

@@ -186,7 +186,7 @@ class Classifier:
         self.card = card
         self.classes: list[str] = list(card["classes"])
         self.spec = PreprocessSpec.from_dict(card["preprocessing"])
-        if self.spec.roi == "lungs":  # a missing segmenter stops the start, not every request
+        if self.spec.roi != "frame":  # a missing segmenter stops the start, not every request
             from .lungfield import SegmenterMissing, check_segmenter
 
             try:

@@ -30,10 +30,11 @@ class PreprocessSpec:
     # text, markers and collimation. "equalize" maps the image through its own histogram so every
     # machine's output spans the same intensities ("clahe" then adds contrast-limited local equalisation);
     # ``crop`` cuts this share of each side before resizing; ``roi="lungs"`` reads only the box around the
-    # lung field that the lung segmenter finds (uplink_server.lungfield).
+    # lung field that the lung segmenter finds (uplink_server.lungfield), "lungmask" also blacks out what lies
+    # outside the (slightly grown) lungs in that box: mediastinum, heart, markers, tubes.
     intensity: str = "none"  # none | equalize | clahe
     crop: float = 0.0
-    roi: str = "frame"  # frame | lungs
+    roi: str = "frame"  # frame | lungs | lungmask
 
     def __post_init__(self):
         check_spec(self)
@@ -76,7 +77,7 @@ def resize_gray(gray: np.ndarray, size: tuple[int, int], resample: str = "biline
 
 
 INTENSITY_MODES = ("none", "equalize", "clahe")
-ROI_MODES = ("frame", "lungs")
+ROI_MODES = ("frame", "lungs", "lungmask")
 
 
 def check_spec(spec: PreprocessSpec) -> None:
@@ -87,7 +88,7 @@ def check_spec(spec: PreprocessSpec) -> None:
     if spec.roi not in ROI_MODES:
         raise ValueError(f"unknown region of interest {spec.roi!r}: use one of {', '.join(ROI_MODES)}")
     if spec.roi != "frame" and spec.crop:
-        raise ValueError("crop and roi='lungs' both choose what the model sees: use one")
+        raise ValueError(f"crop and roi={spec.roi!r} both choose what the model sees: use one")
 
 
 def crop_box(shape: tuple[int, int], crop: float) -> tuple[int, int, int, int]:
@@ -100,7 +101,7 @@ def crop_box(shape: tuple[int, int], crop: float) -> tuple[int, int, int, int]:
 
 def view_box(gray: np.ndarray, spec: PreprocessSpec) -> tuple[int, int, int, int]:
     """(top, bottom, left, right) of the part of ``gray`` the model reads under ``spec``."""
-    if spec.roi == "lungs":
+    if spec.roi in ("lungs", "lungmask"):
         from .lungfield import lung_box
 
         return lung_box(gray)
@@ -138,7 +139,12 @@ def preprocess(
     ``augment`` (training only) receives the resized gray image and returns one
     of the same shape; serving never passes it.
     """
-    if spec.crop or spec.roi != "frame":
+    if spec.roi == "lungmask":
+        from .lungfield import lung_field
+
+        (top, bottom, left, right), soft = lung_field(gray)
+        gray = (gray * soft)[top:bottom, left:right]
+    elif spec.crop or spec.roi != "frame":
         top, bottom, left, right = view_box(gray, spec)
         gray = gray[top:bottom, left:right]
     x = resize_gray(gray, spec.size, spec.resample)
