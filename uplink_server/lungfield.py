@@ -43,7 +43,7 @@ def segmenter_input(gray: np.ndarray) -> np.ndarray:
 
 
 def _session(path: Path):
-    key = str(path)
+    key = f"{path}|{os.getpid()}"  # a session does not cross a fork (training's loader processes): one per process
     with _lock:
         if key not in _sessions:
             if not path.is_file():
@@ -53,7 +53,7 @@ def _session(path: Path):
 
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = 1  # tiny network: threads cost more than they give
-            _sessions[key] = ort.InferenceSession(key, opts, providers=["CPUExecutionProvider"])
+            _sessions[key] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         return _sessions[key]
 
 
