@@ -141,6 +141,11 @@ def heldout_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> dic
             cov.update(auc=op["roc_auc"], auc_ci95=_bootstrap_auc(pos, probs[:, k]),
                        sensitivity_at_spec=op["sensitivity"], specificity_at_spec=op["specificity"],
                        few=bool(min(pos.sum(), (~pos).sum()) < FEW))
+            # against each other finding on its own: COVID-19 vs normal and vs other pneumonias fail differently
+            y = np.asarray(y)
+            cov["auc_vs"] = {c: float(roc_auc_score(np.r_[np.ones(pos.sum()), np.zeros((y == j).sum())],
+                                                    np.r_[probs[pos, k], probs[y == j, k]]))
+                             for j, c in enumerate(classes) if j != k and (y == j).any()}
         out["covid19"] = cov
     return out
 

@@ -148,6 +148,9 @@ def test_screen_and_ship_check_on_real_images(tmp_path, tiny_model, capsys):
         if "covid19" in m["counts"] and len(m["counts"]) > 1:
             c = m["covid19"]
             assert 0 <= c["auc"] <= 1 and c["auc_ci95"][0] <= c["auc"] <= c["auc_ci95"][1]
+            # the AUC against all negatives is the count-weighted mean of the AUCs against each finding
+            n = {k: m["counts"][k] for k in c["auc_vs"]}
+            assert c["auc"] == pytest.approx(sum(n[k] * v for k, v in c["auc_vs"].items()) / sum(n.values()), abs=1e-9)
     assert res["worst_covid19"]["auc"] == min(m["covid19"]["auc"] for m in res["folds"].values()
                                              if m.get("covid19", {}).get("auc") is not None and not m["covid19"]["few"])
     assert 0 < res["folds"]["covid/ieee8023"]["lung_share"]["mean_share_in_lungs"] < 1  # masks are ieee8023 images
