@@ -242,8 +242,10 @@ def card_markdown(card: dict) -> str:
              f"- Trained on {card['trained_on']['images']} images of {card['trained_on']['patients']} patients: {card['trained_on']['masks']}.",
              f"- Patients it never saw ({v['patients']} patients, {v['n']} images): Dice {v['dice_mean']:.3f} (median "
              f"{v['dice_median']:.3f}, lowest {v['dice_min']:.3f}); the classifier's box keeps {v['lungs_inside_box']:.1%} of the "
-             f"lung pixels (lowest {v['lungs_inside_box_min']:.1%}) in {v['box_area']:.0%} of the image; lungs found in {v['found']:.0%}."]
+             f"lung pixels (lowest {v['lungs_inside_box_min']:.1%}) in {v['box_area']:.0%} of the image; it is tighter than the whole "
+             f"image for {v['found']:.0%} (the rest: lungs that fill the frame, or none found)."]
     for name, f in card.get("other_sources", {}).items():
-        lines.append(f"- {name} (no masks): lungs found in {f['found']:.0%} of {f['n']} images, box {f['box_area']:.0%} of the image.")
+        lines.append(f"- `{name}` (a sample, masks not used): a box tighter than the whole image for {f['found']:.0%} of {f['n']} images, "
+                     f"{f['box_area']:.0%} of the image on average.")
     lines += [f"- Limits: {card['limits']}", f"- Reproduce: `{card['command']}`" if card.get("command") else ""]
     return "\n".join(lines).rstrip() + "\n"
