@@ -58,10 +58,16 @@ def read_boxes(paths: list[str], spec) -> dict[str, tuple[int, int, int, int]]:
     return {p: view_box(decode(p).gray, spec) for p in paths}
 
 
-def summarize(shares: list[float], masks: list[np.ndarray]) -> dict:
+def summarize(shares: list[float], masks: list[np.ndarray], boxes: list | None = None) -> dict:
+    """Mean share on the lungs, and what a flat heatmap would get: the lungs' share of the image, or of the box
+    the model read (a model that reads only the lung box starts higher)."""
     vals = np.array([s for s in shares if not np.isnan(s)])
+    flat = [float(m.mean()) for m in masks]
+    if boxes:
+        flat = [float(m[t:b, l:r].mean()) for m, (t, b, l, r) in zip(masks, boxes)]
     return {
         "n": int(len(vals)),
         "mean_share_in_lungs": float(vals.mean()) if len(vals) else None,
         "mean_lung_area": float(np.mean([m.mean() for m in masks])) if masks else None,
+        "flat_share": float(np.mean(flat)) if flat else None,
     }

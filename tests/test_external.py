@@ -140,7 +140,12 @@ def test_screen_and_ship_check_on_real_images(tmp_path, tiny_model, capsys):
     lungs_erm = report["results"]["equalize+lungs/erm"]
     assert lungs_erm["preprocessing"]["roi"] == "lungs" and lungs_erm["preprocessing"]["intensity"] == "equalize"
     # heatmaps of a lung-field model are drawn back into its box before the share on the lungs is measured
-    assert 0 < lungs_erm["folds"]["covid/ieee8023"]["lung_share"]["mean_share_in_lungs"] < 1
+    box_share = lungs_erm["folds"]["covid/ieee8023"]["lung_share"]
+    assert 0 < box_share["mean_share_in_lungs"] < 1
+    frame_share = report["results"]["plain/erm"]["folds"]["covid/ieee8023"]["lung_share"]
+    # a flat map gets the lungs' share of what the model read: higher in the lung box than in the whole frame
+    assert frame_share["flat_share"] == pytest.approx(frame_share["mean_lung_area"])
+    assert box_share["flat_share"] > frame_share["flat_share"] + 0.05
     assert (out / "loso.md").read_text() in printed and (out / "loso.png").stat().st_size > 1000
     res = report["results"]["plain/erm"]
     assert set(res["folds"]) == set(report["folds"])
@@ -164,6 +169,8 @@ def test_screen_and_ship_check_on_real_images(tmp_path, tiny_model, capsys):
     card = json.loads((carded / "model_card.json").read_text())["external"]
     assert card["recipe"] == "plain/erm" and set(card["per_fold"]) == set(report["folds"])
     assert card["best_other"]["recipe"] in set(report["results"]) - {"plain/erm"} and "ships" in card["ship_rule"]
+    assert set(card["passing"]) <= set(report["results"]) - {"plain/erm"}
+    assert card["ship_rule"]["ships"] == (card["best_other"]["recipe"] in card["passing"])
     md = (carded / "model_card.md").read_text()
     assert "## Hospitals it has not seen (leave one source out)" in md and (carded / card["plot"]).is_file()
 
