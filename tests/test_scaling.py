@@ -78,16 +78,22 @@ def test_web_app_batches_its_in_process_model(tmp_path, classifier, xray_paths):
         c, csrf = sign_in(base)
         h = {"Authorization": f"Bearer {new_token(c, csrf)}"}
 
-        async def burst():
+        async def burst(n):
             async with httpx.AsyncClient(base_url=base, headers=h, timeout=60) as cl:
                 return await asyncio.gather(*(cl.post("/api/v1/predict", files={"file": (p.name, p.read_bytes())},
-                                                      data={"patient_code": f"B-{i}"}) for i, p in enumerate(files)))
+                                                      data={"patient_code": f"B{n}-{i}"}) for i, p in enumerate(files)))
 
-        rs = asyncio.run(burst())
-        assert all(r.status_code == 200 for r in rs)
-        assert [r.json()["patient_code"] for r in rs] == [f"B-{i}" for i in range(len(files))]
-        st = httpx.get(f"{base}/api/v1/status", headers=h).json()["local"]["batching"]
-        assert st["served"] == len(files) and st["batches"] < len(files) and st["mean_batch"] > 1
+        # On a loaded machine uploads can arrive further apart than a model run, and then each rightly runs
+        # alone: up to three bursts, and at least one must be batched.
+        for burst_no in range(1, 4):
+            rs = asyncio.run(burst(burst_no))
+            assert all(r.status_code == 200 for r in rs)
+            assert [r.json()["patient_code"] for r in rs] == [f"B{burst_no}-{i}" for i in range(len(files))]
+            st = httpx.get(f"{base}/api/v1/status", headers=h).json()["local"]["batching"]
+            assert st["served"] == burst_no * len(files)
+            if st["batches"] < st["served"]:
+                break
+        assert st["batches"] < st["served"] and st["mean_batch"] > 1
         assert "mean batch" in c.get("/admin").text
 
 
