@@ -292,17 +292,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"written: {Path(args.out) / 'loso.json'}, loso.md, loso.png")
         elif args.cmd == "segmenter":
             from .datasets import load_spec
-            from .model_card import markdown_path
-            from .segmenter import SegmenterConfig, card_markdown, found_rate, train_segmenter
+            from .segmenter import SegmenterConfig, card_markdown, train_segmenter
 
             cfg = SegmenterConfig(out=args.out, epochs=args.epochs, batch_size=args.batch_size, val_frac=args.val_frac,
                                   limit_patients=args.limit_patients, seed=args.seed, progress=not args.no_progress)
-            card = train_segmenter(cfg, "python -m model_training " + shlex.join(sys.argv[1:] if argv is None else argv))
-            card["other_sources"] = {spec: found_rate(load_spec(spec), Path(args.out), seed=args.seed)
-                                     for spec in filter(None, (s.strip() for s in args.check_sources.split(",")))}
-            card_path = Path(args.out).with_name(Path(args.out).name.replace(".onnx", ".card.json"))
-            card_path.write_text(json.dumps(card, indent=2) + "\n")
-            markdown_path(card_path).write_text(card_markdown(card))
+            check = {spec: load_spec(spec) for spec in filter(None, (s.strip() for s in args.check_sources.split(",")))}
+            card = train_segmenter(cfg, "python -m model_training " + shlex.join(sys.argv[1:] if argv is None else argv), check)
             print(card_markdown(card))
         elif args.cmd == "ship-check":
             from .ship_rule import decide, load_result

@@ -25,6 +25,7 @@ from uplink_server.imaging import decode
 from uplink_server.lungfield import SIZE, box_from_mask, segmenter_input
 
 from . import lungs
+from .model_card import markdown_path
 
 VERSION = "1.0.0"
 
@@ -128,11 +129,15 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray) -> dict:
             "found": float(np.mean([b["found"] for b in boxes]))}
 
 
+def _patient(m: lungs.LungMask) -> str:
+    return m.patient_id or m.image  # an image without a patient id stands alone
+
+
 def split_by_patient(masks: list[lungs.LungMask], val_frac: float, seed: int) -> tuple[list, list]:
-    patients = sorted({m.patient_id or m.image for m in masks})
+    patients = sorted({_patient(m) for m in masks})
     random.Random(seed).shuffle(patients)
     val = set(patients[:max(1, round(val_frac * len(patients)))])
-    return [m for m in masks if (m.patient_id or m.image) not in val], [m for m in masks if (m.patient_id or m.image) in val]
+    return [m for m in masks if _patient(m) not in val], [m for m in masks if _patient(m) in val]
 
 
 @dataclass
@@ -163,15 +168,16 @@ def export(model: nn.Module, path: Path, check: np.ndarray) -> float:
     return float(np.abs(ref - got).max())
 
 
-def train_segmenter(cfg: SegmenterConfig, command: str = "") -> dict:
-    """Train, check on held-out patients, export next to its card; returns the card."""
+def train_segmenter(cfg: SegmenterConfig, command: str = "", check: dict | None = None) -> dict:
+    """Train, check on held-out patients (and the found-lungs rate on ``check``: {name: records without masks}),
+    export next to its card (.card.json and .card.md); returns the card."""
     torch.manual_seed(cfg.seed)
     masks = lungs.load_masks()
     if not masks:
         raise FileNotFoundError("no lung masks: the segmenter trains on ../shared/data/lungmasks (or CXR_DATA_ROOT)")
     if cfg.limit_patients:
-        keep = sorted({m.patient_id or m.image for m in masks})[: cfg.limit_patients]
-        masks = [m for m in masks if (m.patient_id or m.image) in set(keep)]
+        keep = set(sorted({_patient(m) for m in masks})[: cfg.limit_patients])
+        masks = [m for m in masks if _patient(m) in keep]
     tr, va = split_by_patient(masks, cfg.val_frac, cfg.seed)
     xtr, ytr = load_pairs(tr, cfg.progress)
     xva, yva = load_pairs(va, cfg.progress)
@@ -204,16 +210,18 @@ def train_segmenter(cfg: SegmenterConfig, command: str = "") -> dict:
         "name": "lung-segmenter", "version": VERSION, "file": out.name, "input": f"1 x {SIZE} x {SIZE}, equalised gray "
         "(uplink_server.lungfield.segmenter_input)", "output": "lung logits, same size",
         "trained_on": {"masks": "lungmasks/ (V7 Labs polygons, CC BY 4.0) on covid/ieee8023 images",
-                       "images": len(tr), "patients": len({m.patient_id or m.image for m in tr})},
-        "validation": {"patients": len({m.patient_id or m.image for m in va}), **val},
+                       "images": len(tr), "patients": len({_patient(m) for m in tr})},
+        "validation": {"patients": len({_patient(m) for m in va}), **val},
         "epochs": cfg.epochs, "train_loss": history, "train_seconds": round(time.time() - t0, 1),
         "onnx_max_abs_diff": diff, "command": command,
         "limits": "Adult frontal X-rays of one multi-hospital collection (covid/ieee8023) only. No masks of "
                   "children or of the radiography/ collection exist here: on those, only the found-lungs rate is "
                   "known. A classifier with roi='lungs' reads the whole frame where no lungs are found.",
     }
+    card["other_sources"] = {name: found_rate(recs, out, seed=cfg.seed) for name, recs in (check or {}).items()}
     card_path = out.with_name(out.name.replace(".onnx", ".card.json"))
     card_path.write_text(json.dumps(card, indent=2) + "\n")
+    markdown_path(card_path).write_text(card_markdown(card))
     return card
 
 

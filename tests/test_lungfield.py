@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from uplink_server.imaging import decode
 from uplink_server.lungfield import SegmenterMissing, box_from_mask, lung_box, lung_probability
 from uplink_server.preprocessing import PreprocessSpec, preprocess, view_box
 
-SHIPPED = __import__("pathlib").Path(__file__).resolve().parent.parent / "weights" / "lung-segmenter.onnx"
+SHIPPED = Path(__file__).resolve().parent.parent / "weights" / "lung-segmenter.onnx"
 
 
 @pytest.fixture(scope="module")

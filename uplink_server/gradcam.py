@@ -40,9 +40,9 @@ def in_frame(cam: np.ndarray, size: tuple[int, int], box: tuple[int, int, int, i
     (``box`` = top, bottom, left, right in an image of ``shape``, default ``size``'s) gets its map drawn
     into that box, zero outside."""
     w, h = size
-    if box is None or tuple(box) == (0, shape[0] if shape else h, 0, shape[1] if shape else w):
-        return upsample(cam, size)
     sh, sw = shape or (h, w)
+    if box is None or tuple(box) == (0, sh, 0, sw):
+        return upsample(cam, size)
     top, bottom = round(box[0] * h / sh), round(box[1] * h / sh)
     left, right = round(box[2] * w / sw), round(box[3] * w / sw)
     heat = np.zeros((h, w), np.float32)
