@@ -5,7 +5,9 @@ width/height shift, shear, zoom, horizontal flip); ``default`` is milder and
 keeps left/right anatomy (the heart is on the left), plus brightness/contrast;
 ``robust`` adds gamma and blur/sharpening, the ways X-ray machines differ;
 ``framing`` adds strong zoom-in, the way collimation differs between sites and
-patient sizes (a model trained without it calls tightly framed normals pneumonia).
+patient sizes (a model trained without it calls tightly framed normals pneumonia);
+``resolution`` adds down-and-up sampling of every film to a random effective resolution, so that
+a source stored at low resolution (the Shenzhen TB films are 128 px) is not told apart by its blur.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ class AugmentConfig:
     contrast: float = 0.0  # +- multiplicative
     gamma: float = 0.0  # +- log-gamma: x ** exp(U(-g, g)) on [0, 1], another machine's tone curve
     blur: float = 0.0  # gaussian sigma up to this (pixels), or as much unsharp masking: softer/sharper detectors
+    # smallest effective resolution as a share of the input size: with probability LOWRES_P a film is reduced
+    # (area filter) to a side drawn from [lowres, 1] x size and enlarged back (bilinear), as a third-party
+    # resize to 128 px and the server's enlargement to 224 px do to the TB films
+    lowres: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,7 +51,24 @@ PRESETS = {
     # tighter than its training normals, and tight framing alone was read as pneumonia
     "framing": AugmentConfig(rotation=10, shift=0.08, shear=5, zoom=0.12, zoom_in=0.5, brightness=0.08,
                              contrast=0.15, gamma=0.3, blur=1.0),
+    # framing plus effective resolutions from 0.35 x 224 = 78 px up: every source as blurred as the 128 px TB
+    # films a third of the time, so that blur cannot stand for tuberculosis (model 2.0.0)
+    "resolution": AugmentConfig(rotation=10, shift=0.08, shear=5, zoom=0.12, zoom_in=0.5, brightness=0.08,
+                                contrast=0.15, gamma=0.3, blur=1.0, lowres=0.35),
 }
+
+LOWRES_P = 0.75
+
+
+def degrade_resolution(x: np.ndarray, scale: float) -> np.ndarray:
+    """``x`` reduced to ``scale`` of its size with an area filter and enlarged back: the detail a film
+    stored at that resolution still has."""
+    h, w = x.shape
+    small = (max(2, round(w * scale)), max(2, round(h * scale)))
+    if small[0] >= w and small[1] >= h:
+        return x
+    img = Image.fromarray(x.astype(np.float32), mode="F").resize(small, Image.BOX)
+    return np.asarray(img.resize((w, h), Image.BILINEAR), dtype=np.float32)
 
 
 def parse_augment(spec: str) -> AugmentConfig:
@@ -97,6 +120,8 @@ class Augmenter:
             x = warp(x, angle, shear, zoom, tx, ty)
         if c.hflip and rng.random() < 0.5:
             x = x[:, ::-1]
+        if c.lowres and rng.random() < LOWRES_P:
+            x = degrade_resolution(x, rng.uniform(c.lowres, 1.0))
         if c.gamma:
             x = np.clip(x, 0.0, 1.0) ** math.exp(rng.uniform(-c.gamma, c.gamma))
         if c.blur and rng.random() < 0.5:

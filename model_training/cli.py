@@ -1,4 +1,4 @@
-"""Command line: ``python -m model_training {train,finish,evaluate,compare,release,release-int8,quantize,fit-gate,archs}``."""
+"""Command line: ``python -m model_training {train,finish,evaluate,compare,release,release-int8,quantize,fit-gate,triage,archs,...}``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def _add_train_args(p: argparse.ArgumentParser, compare: bool = False) -> None:
 
     d = TrainConfig()
     if not compare:
-        p.add_argument("--data", action="append", help="data spec: regime (public, adult, mix, covid, radiography), CSV manifest or folder; repeat or join with '+' (default public)")
+        p.add_argument("--data", action="append", help="data spec: regime (public, adult, mix, covid, radiography, nih, tb, all), CSV manifest or folder; repeat or join with '+' (default public)")
         p.add_argument("--arch", default=d.arch, help=f"architecture (default {d.arch}); see `archs`")
         p.add_argument("--epochs", type=int, default=d.epochs)
         p.add_argument("--out", default=d.out, help="run folder")
@@ -27,7 +27,7 @@ def _add_train_args(p: argparse.ArgumentParser, compare: bool = False) -> None:
     p.add_argument("--frozen-bn", default=d.frozen_bn, choices=["imagenet", "adapt"],
                    help="BatchNorm statistics of frozen layers: keep ImageNet's, or adapt them to the X-rays")
     p.add_argument("--finetune-blocks", type=int, default=d.finetune_blocks, help="top backbone blocks to fine-tune after the frozen phase (-1 all, 0 none)")
-    p.add_argument("--augment", default=d.augment, help="none | study | default | robust | framing | key=value,... (rotation, shift, shear, zoom, zoom_in, hflip, brightness, contrast, gamma, blur)")
+    p.add_argument("--augment", default=d.augment, help="none | study | default | robust | framing | resolution | key=value,... (rotation, shift, shear, zoom, zoom_in, hflip, brightness, contrast, gamma, blur, lowres)")
     p.add_argument("--balance", choices=["weights", "sampler", "group", "source", "none"], default=d.balance,
                    help="class imbalance: loss weights, class-balanced sampling, or sampling balanced per age group "
                         "(group) or per data source (source) and class")
@@ -135,9 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
     un.add_argument("--target-error", type=float, default=0.02, help="most errors allowed among results not flagged (default 0.02)")
     un.add_argument("--write-card", action="store_true", help="record the rule in the model's card (.json and .md)")
     un.add_argument("--no-progress", action="store_true")
+    tr = sub.add_parser("triage", help="choose on the validation split the triage threshold on 1 - p(normal) for a target "
+                                       "sensitivity for any abnormality, report it per source on held-out patients, "
+                                       "and write it into the model card")
+    tr.add_argument("--model", required=True)
+    tr.add_argument("--data", default=None, help="manifest with the validation and test splits (default: the splits beside the model)")
+    tr.add_argument("--target-sensitivity", type=float, default=0.95)
+    tr.add_argument("--also", action="append", default=[], metavar="NAME=SPEC",
+                    help="another held-out test to report, e.g. 'Kermany official test=public'")
+    tr.add_argument("--write-card", action="store_true", help="record the rule in the model's card (.json and .md)")
+    tr.add_argument("--no-progress", action="store_true")
     ex = sub.add_parser("external", help="leave-one-source-out validation: train without each source, test on it "
                                          "(screen: frozen features + a head per recipe; full: the real fine-tune per fold)")
-    ex.add_argument("--mode", choices=["screen", "full"], default="screen")
+    ex.add_argument("--mode", choices=["screen", "full", "served"], default="screen",
+                    help="screen: frozen features; full: fine-tune per fold; served: --baseline-model on sources it never saw")
     ex.add_argument("--data", action="append", help="data spec(s) (default mix: every shared source)")
     ex.add_argument("--out", default="runs/external")
     ex.add_argument("--variants", default="plain,equalize,clahe,lungs,equalize+lungs",
@@ -157,11 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--arch", default="efficientnet_lite0")
     ex.add_argument("--epochs", type=int, default=5, help="full: epochs per fold")
     _add_train_args(ex, compare=True)
-    sc = sub.add_parser("ship-check", help="the ship rule: does a candidate's worst held-out-source COVID-19 AUC beat "
-                                           "the baseline's, with in-source accuracy at most one point worse?")
+    sc = sub.add_parser("ship-check", help="the ship rule: does a candidate's worst held-out-source triage AUC (COVID-19 AUC "
+                                           "for results without triage) beat the baseline's, with in-source accuracy at "
+                                           "most one point worse (and, with --candidate-model, the 2.0.0 targets met)?")
     sc.add_argument("--candidate", required=True, help="loso.json or loso.json#NAME (a result of a screen)")
     sc.add_argument("--baseline", required=True, help="loso.json or loso.json#NAME")
     sc.add_argument("--tolerance", type=float, default=0.01)
+    sc.add_argument("--candidate-model", default=None,
+                    help="the candidate's released model: in-source accuracies from its card, and the 2.0.0 targets checked")
     rf = sub.add_parser("reference", help="histograms of the risk score and image gray levels on the validation split, "
                                           "for the web app's drift check at a site; written into the model card")
     rf.add_argument("--model", required=True)
@@ -265,6 +279,18 @@ def main(argv: list[str] | None = None) -> int:
             except (ModelNotFound, FileNotFoundError) as exc:
                 raise DataError(str(exc)) from None
             print(describe(rule) + (" Written to the card." if args.write_card else ""))
+        elif args.cmd == "triage":
+            from uplink_server.model import ModelNotFound
+
+            from .triage import choose, describe
+
+            extra = dict(a.split("=", 1) for a in args.also if "=" in a)
+            try:
+                rule = choose(Path(args.model), args.data, args.target_sensitivity, args.write_card,
+                              progress=not args.no_progress, extra_tests=extra)
+            except (ModelNotFound, FileNotFoundError) as exc:
+                raise DataError(str(exc)) from None
+            print(describe(rule) + ("\nWritten to the card." if args.write_card else ""))
         elif args.cmd == "external":
             from .external import full, limit_per_source, screen
             from .datasets import check_files, load_spec
@@ -273,7 +299,13 @@ def main(argv: list[str] | None = None) -> int:
             check_files(records)
             if args.limit_per_source:
                 records = limit_per_source(records, args.limit_per_source, args.seed)
-            if args.mode == "screen":
+            if args.mode == "served":
+                from .external import served
+
+                if not args.baseline_model:
+                    raise DataError("--mode served needs --baseline-model: the shipped model to test on sources it never saw")
+                report = served(Path(args.baseline_model), records, Path(args.out), progress=not args.no_progress)
+            elif args.mode == "screen":
                 report = screen(records, Path(args.out), [v.strip() for v in args.variants.split(",")],
                                 [r.strip() for r in args.recipes.split(",")], args.arch, args.pretrained,
                                 Path(args.baseline_model) if args.baseline_model else None, args.seed,
@@ -285,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(markdown(report))
             if args.write_card:
-                write_to_card(Path(args.write_card), report, args.card_recipe if args.mode == "screen" else "full",
+                write_to_card(Path(args.write_card), report, {"screen": args.card_recipe, "full": "full", "served": "served"}[args.mode],
                               "python -m model_training " + shlex.join(sys.argv[1:] if argv is None else argv),
                               Path(args.out) / "loso.png")
                 print(f"recorded in the card of {args.write_card}")
@@ -302,7 +334,15 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "ship-check":
             from .ship_rule import decide, load_result
 
-            verdict = decide(load_result(args.candidate), load_result(args.baseline), args.tolerance)
+            card = None
+            if args.candidate_model:
+                from uplink_server.model import find_card
+
+                card_path = find_card(Path(args.candidate_model))
+                if card_path is None:
+                    raise DataError(f"no model card beside {args.candidate_model}")
+                card = json.loads(card_path.read_text())
+            verdict = decide(load_result(args.candidate), load_result(args.baseline), args.tolerance, card)
             print(json.dumps(verdict, indent=2))
             return 0 if verdict["ships"] else 1
         elif args.cmd == "reference":

@@ -35,13 +35,20 @@ REGIMES = {
     "mix": ["kermany", "covid", "radiography"],
     "covid": ["covid"],
     "radiography": ["radiography"],
+    # adult pneumonia and normals from one hospital (NIH), tuberculosis and normals from one programme (Shenzhen)
+    "nih": ["nih"],
+    "tb": ["tb"],
+    # everything: the 2.0.0 model's data (four classes, children and adults, seven hospitals)
+    "all": ["kermany", "covid", "radiography", "nih", "tb"],
 }
 
 LICENCES = {
     "kermany": "CC BY 4.0",
     "radiography": "per source: NIH/RSNA (public, attribution requested), BIMCV-COVID19+ (CC BY 4.0), PadChest (CC BY-SA 4.0), others as in covid/",
+    "nih": "NIH Clinical Center: unrestricted use with acknowledgement",
+    "tb": "public (NLM); cite Jaeger et al., Quant Imaging Med Surg 2014",
 }
-AGE_GROUPS = {"kermany": "child", "covid": "adult", "radiography": "adult"}
+AGE_GROUPS = {"kermany": "child", "covid": "adult", "radiography": "adult", "nih": "adult", "tb": "adult"}
 
 
 class DataError(ValueError):

@@ -26,8 +26,8 @@ from sklearn.metrics import roc_auc_score
 
 from .calibration import calibrated_probs, fit_temperature
 from .datasets import Record, write_manifest
-from .labels import CLASSES
-from .metrics import binary_operating_point, compute_metrics
+from .labels import CLASSES, NORMAL
+from .metrics import binary_operating_point, bootstrap_auc_ci, compute_metrics
 from .splits import find_near_duplicates, make_splits
 
 POSITIVE = "covid19"
@@ -113,15 +113,32 @@ def in_source_split(records: list[Record], seed: int = 0) -> list[Record]:
     return make_splits([replace(r) for r in records], 0.1, 0.15, seed)
 
 
-def _bootstrap_auc(y: np.ndarray, s: np.ndarray, n: int = 400, seed: int = 0) -> list[float]:
-    rng = np.random.default_rng(seed)
-    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
-    aucs = [roc_auc_score(np.r_[np.ones(len(pos)), np.zeros(len(neg))],
-                          np.r_[s[rng.choice(pos, len(pos))], s[rng.choice(neg, len(neg))]]) for _ in range(n)]
-    return [float(np.percentile(aucs, 2.5)), float(np.percentile(aucs, 97.5))]
+def triage_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str], threshold: float | None = None) -> dict:
+    """Abnormal (any class but normal) against normal on 1 - p(normal): ROC-AUC with its bootstrap interval, and
+    sensitivity/specificity at ``threshold`` (chosen on the training sources' validation split) and as served
+    before triage (the most probable class)."""
+    from .triage import operating_point, triage_scores
+
+    if NORMAL not in classes:
+        return {}
+    y = np.asarray(y)
+    abnormal = y != classes.index(NORMAL)
+    scores = triage_scores(probs, classes)
+    out = operating_point(scores, abnormal, threshold) if threshold is not None else {
+        "n": int(len(y)), "abnormal": int(abnormal.sum()), "normal": int((~abnormal).sum())}
+    if threshold is None and abnormal.any() and (~abnormal).any():
+        from sklearn.metrics import roc_auc_score
+
+        out.update(roc_auc=float(roc_auc_score(abnormal, scores)), roc_auc_ci95=bootstrap_auc_ci(abnormal, scores))
+    said = probs.argmax(1) != classes.index(NORMAL)
+    out["threshold"] = threshold
+    out["sensitivity_argmax"] = float(said[abnormal].mean()) if abnormal.any() else None
+    out["specificity_argmax"] = float((~said[~abnormal]).mean()) if (~abnormal).any() else None
+    out["few"] = bool(min(abnormal.sum(), (~abnormal).sum()) < FEW)
+    return out
 
 
-def heldout_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
+def heldout_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str], triage_threshold: float | None = None) -> dict:
     """Metrics of one held-out test (integer labels ``y``, calibrated ``probs``)."""
     m = compute_metrics(y, probs, classes)
     out = {
@@ -129,6 +146,9 @@ def heldout_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> dic
         "counts": {c: v["support"] for c, v in m["per_class"].items() if v["support"]},
         "auc": {c: v["roc_auc"] for c, v in m["per_class"].items() if v["roc_auc"] is not None},
     }
+    tri = triage_metrics(y, probs, classes, triage_threshold)
+    if tri.get("roc_auc") is not None or tri.get("sensitivity") is not None:
+        out["triage"] = tri
     if POSITIVE in classes:
         k = classes.index(POSITIVE)
         pos = np.asarray(y) == k
@@ -138,7 +158,7 @@ def heldout_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> dic
                "specificity_served": float((~said[~pos]).mean()) if (~pos).any() else None}
         if pos.any() and (~pos).any():
             op = binary_operating_point(pos, probs[:, k], MIN_SPECIFICITY)
-            cov.update(auc=op["roc_auc"], auc_ci95=_bootstrap_auc(pos, probs[:, k]),
+            cov.update(auc=op["roc_auc"], auc_ci95=bootstrap_auc_ci(pos, probs[:, k]),
                        sensitivity_at_spec=op["sensitivity"], specificity_at_spec=op["specificity"],
                        few=bool(min(pos.sum(), (~pos).sum()) < FEW))
             # against each other finding on its own: COVID-19 vs normal and vs other pneumonias fail differently
@@ -161,18 +181,71 @@ def worst_covid(folds: dict) -> dict:
     return {"fold": f, "auc": solid[f]["auc"], "sensitivity_at_spec": min(c["sensitivity_at_spec"] for c in solid.values())}
 
 
+# The adult sources with normal and abnormal films from one hospital: the triage ship rule's worst fold is taken
+# over these (the children's kermany fold is reported beside it).
+TRIAGE_SOURCES = ("nih", "tb")
+
+
+def worst_triage(folds: dict, among=TRIAGE_SOURCES) -> dict:
+    """The worst held-out triage ROC-AUC over the folds of ``among`` that have one."""
+    have = {f: m["triage"] for f, m in folds.items()
+            if f in among and m.get("triage", {}).get("roc_auc") is not None}
+    if not have:
+        return {}
+    f = min(have, key=lambda f: have[f]["roc_auc"])
+    return {"fold": f, "auc": have[f]["roc_auc"], "auc_ci95": have[f].get("roc_auc_ci95"),
+            "among": [x for x in among if x in have],
+            "kermany": (folds.get("kermany", {}).get("triage") or {}).get("roc_auc")}
+
+
+def triage_threshold_on(y_val: np.ndarray, probs_val: np.ndarray, classes: list[str]) -> float | None:
+    """The triage threshold for sensitivity >= 0.95 on a validation split (None without abnormal films)."""
+    from .triage import TARGET_SENSITIVITY, threshold_for_sensitivity, triage_scores
+
+    if NORMAL not in classes:
+        return None
+    abnormal = np.asarray(y_val) != classes.index(NORMAL)
+    if not abnormal.any():
+        return None
+    return threshold_for_sensitivity(triage_scores(probs_val, classes), abnormal, TARGET_SENSITIVITY)
+
+
+def in_source_by_source(te: list[Record], probs: np.ndarray, classes: list[str], threshold: float | None) -> dict:
+    """Held out by patient within each source (the usual split): triage per source, and tuberculosis against
+    everything else where the source has it."""
+    y = _labels(te, classes)
+    out = {}
+    for src in sorted({r.source for r in te}):
+        ii = np.array([r.source == src for r in te])
+        m = {"triage": triage_metrics(y[ii], probs[ii], classes)}
+        if threshold is not None:
+            at = triage_metrics(y[ii], probs[ii], classes, threshold)
+            m["triage"].update(sensitivity=at.get("sensitivity"), specificity=at.get("specificity"), threshold=threshold)
+        if "tuberculosis" in classes:
+            k = classes.index("tuberculosis")
+            pos = y[ii] == k
+            if pos.any() and (~pos).any():
+                m["tuberculosis_auc"] = float(roc_auc_score(pos, probs[ii][:, k]))
+                m["tuberculosis_auc_ci95"] = bootstrap_auc_ci(pos, probs[ii][:, k])
+        out[src] = m
+    return out
+
+
 def _labels(records: list[Record], classes: list[str]) -> np.ndarray:
     return np.array([classes.index(r.label) for r in records])
 
 
 def _fit_predict(recipe: str, feats, classes: list[str], tr, va, te, seed: int):
-    """A head of ``recipe`` fitted on ``tr``, its temperature on ``va``: (head, temperature, calibrated probs on ``te``)."""
+    """A head of ``recipe`` fitted on ``tr``, its temperature and triage threshold on ``va``: (head, temperature,
+    calibrated probs on ``te``, triage threshold)."""
     from .heads import Head
 
     head = Head(recipe, len(classes), seed=seed).fit(
         feats.of(tr), _labels(tr, classes), [r.source for r in tr], [r.age_group for r in tr])
     t = fit_temperature(head.logits(feats.of(va)), _labels(va, classes))
-    return head, t, calibrated_probs(head.logits(feats.of(te)), t)
+    # the triage operating point as a card would record it: on the training sources' validation split
+    thr = triage_threshold_on(_labels(va, classes), calibrated_probs(head.logits(feats.of(va)), t), classes)
+    return head, t, calibrated_probs(head.logits(feats.of(te)), t), thr
 
 
 def screen(records: list[Record], out: Path, variants: list[str], recipes: list[str], arch: str = "efficientnet_lite0",
@@ -207,8 +280,11 @@ def screen(records: list[Record], out: Path, variants: list[str], recipes: list[
         for recipe in recipes:
             res = {"variant": variant, "recipe": recipe, "preprocessing": spec.to_dict(), "folds": {}}
             for fold, (tr, va, te) in splits.items():
-                head, t, probs = _fit_predict(recipe, feats, classes, tr, va, te, seed)
+                head, t, probs, thr = _fit_predict(recipe, feats, classes, tr, va, te, seed)
                 m = heldout_metrics(_labels(te, classes), probs, classes)
+                if "triage" in m and thr is not None:  # does the threshold set at home hold in the new hospital?
+                    at = triage_metrics(_labels(te, classes), probs, classes, thr)
+                    m["triage"].update(threshold=thr, sensitivity=at.get("sensitivity"), specificity=at.get("specificity"))
                 m["temperature"] = t
                 if fold_masks[fold]:
                     paths = [mk.image for mk in fold_masks[fold]]
@@ -220,13 +296,15 @@ def screen(records: list[Record], out: Path, variants: list[str], recipes: list[
                                                          [boxes[p] for p in paths])
                 res["folds"][fold] = m
             res["worst_covid19"] = worst_covid(res["folds"])
+            res["worst_triage"] = worst_triage(res["folds"])
             # in-source: the same recipe on the usual split of every source
-            head, _, probs = _fit_predict(recipe, feats, classes, *insrc, seed)
+            head, _, probs, thr = _fit_predict(recipe, feats, classes, *insrc, seed)
             te = insrc[2]
             y = _labels(te, classes)
             kerm = np.array([r.source == "kermany" for r in te])
             res["in_source"] = {"run_test_accuracy": float((probs.argmax(1) == y).mean()),
-                                "kermany_test_accuracy": float((probs.argmax(1) == y)[kerm].mean()) if kerm.any() else None}
+                                "kermany_test_accuracy": float((probs.argmax(1) == y)[kerm].mean()) if kerm.any() else None,
+                                "by_source": in_source_by_source(te, probs, classes, thr)}
             if recipe == "adversarial" or linear_probe is None:  # linear heads read the same features: one probe
                 probe = source_probe(head.embed(feats.of(records)), [r.label for r in records],
                                      [r.source for r in records], [r.age_group for r in records], seed=seed)
@@ -301,9 +379,63 @@ def full(records: list[Record], cfg, out: Path, only: list[str] | None = None, p
         train(fcfg)
         clf = Classifier(run / "run" / "model.onnx")
         logits, _, _, kept, _ = predict_records(clf, te, progress=progress)
-        report["results"]["full"]["folds"][fold] = heldout_metrics(
-            _labels(kept, clf.classes), clf.probabilities(logits), clf.classes)
+        vlogits, _, _, vkept, _ = predict_records(clf, va, progress=progress)
+        thr = triage_threshold_on(_labels(vkept, clf.classes), clf.probabilities(vlogits), clf.classes)
+        y, probs = _labels(kept, clf.classes), clf.probabilities(logits)
+        m = heldout_metrics(y, probs, clf.classes)
+        if "triage" in m and thr is not None:
+            at = triage_metrics(y, probs, clf.classes, thr)
+            m["triage"].update(threshold=thr, sensitivity=at.get("sensitivity"), specificity=at.get("specificity"))
+        report["results"]["full"]["folds"][fold] = m
+        write_report(report, out)  # each fold as it ends: a fold is an hour on a CPU
     report["results"]["full"]["worst_covid19"] = worst_covid(report["results"]["full"]["folds"])
+    report["results"]["full"]["worst_triage"] = worst_triage(report["results"]["full"]["folds"])
+    write_report(report, out)
+    return report
+
+
+def served(model_path: Path, records: list[Record], out: Path, progress: bool = True) -> dict:
+    """A shipped model on sources it was never trained on, each one a held-out fold: the same numbers as a LOSO
+    fold, for a model whose training data simply lacked them (1.5.0 on nih/ and tb/). Sources that the model's
+    own splits manifest lists are refused: those are not held out."""
+    from uplink_server.model import Classifier
+
+    from .datasets import load_spec, splits_beside
+    from .evaluate import predict_records
+
+    clf = Classifier(model_path)
+    spl = splits_beside(Path(model_path))
+    seen = {r.source for r in load_spec(str(spl))} if spl else set()
+    overlap = sorted({r.source for r in records} & seen)
+    if overlap:
+        raise ValueError(f"{model_path} was trained on {', '.join(overlap)}: not held out (use a LOSO fold instead)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    folds = {s: [s] for s in sorted({r.source for r in records})}
+    card = clf.card
+    ev = card.get("evaluation", {})
+    res = {"model": str(model_path), "version": clf.version, "folds": {},
+           "in_source": {"run_test_accuracy": (ev.get("run_test_split") or {}).get("accuracy"),
+                         "kermany_test_accuracy": (ev.get("kermany_official_test") or {}).get("accuracy")}}
+    thr = (card.get("triage") or {}).get("threshold")
+    for src in folds:
+        logits, _, _, kept, _ = predict_records(clf, [r for r in records if r.source == src], progress=progress)
+        probs = clf.probabilities(logits)
+        known = np.array([r.label in clf.classes for r in kept])
+        m = heldout_metrics(_labels([r for r in kept if r.label in clf.classes], clf.classes), probs[known], clf.classes)
+        # triage counts every film: one of a class the model does not know (TB for a 3-class model) is abnormal
+        # all the same, and calling it normal is the miss a clinic cares about
+        y_tri = np.array([clf.classes.index(NORMAL) if r.label == NORMAL else -1 for r in kept])
+        m["triage"] = triage_metrics(y_tri, probs, clf.classes)
+        if thr is not None:
+            at = triage_metrics(y_tri, probs, clf.classes, thr)
+            m["triage"].update(threshold=thr, sensitivity=at.get("sensitivity"), specificity=at.get("specificity"))
+        m["counts_all"] = dict(Counter(r.label for r in kept))
+        res["folds"][src] = m
+    res["worst_covid19"] = worst_covid(res["folds"])
+    res["worst_triage"] = worst_triage(res["folds"])
+    report = {"mode": "served", "folds": folds, "classes": clf.classes, "n": len(records),
+              "sources": dict(Counter(r.source for r in records)), "results": {"served": res}}
     write_report(report, out)
     return report
 
@@ -322,7 +454,9 @@ def _flat(share: dict):
 def summary_row(res: dict) -> str:
     w = res.get("worst_covid19", {})
     ins = res.get("in_source", {})
+    wt = res.get("worst_triage", {})
     return (f"worst held-out COVID AUC {_f(w.get('auc'))} ({w.get('fold', '-')}), sens@spec0.8 {_f(w.get('sensitivity_at_spec'))}; "
+            f"worst adult triage AUC {_f(wt.get('auc'))} ({wt.get('fold', '-')}), kermany {_f(wt.get('kermany'))}; "
             f"in-source acc {_f(ins.get('run_test_accuracy'))}, Kermany {_f(ins.get('kermany_test_accuracy'))}; "
             f"probe {_f(res.get('probe', {}).get('balanced_accuracy'), 2)}")
 
@@ -359,6 +493,7 @@ def markdown(report: dict) -> str:
                 f"{_f(probe.get('balanced_accuracy'), 2)} ({_f(probe.get('chance'), 2)})" if probe else "-",
                 f"{share['mean_share_in_lungs']:.2f} (flat map {_flat(share):.2f})" if share else "-"]
         lines.append("| " + " | ".join(row) + " |")
+    lines += triage_markdown(report)
     b = report.get("baseline")
     if b:
         lines += ["", f"Shipped model {b.get('version')} (trained on every source, so not held out): "
@@ -366,6 +501,39 @@ def markdown(report: dict) -> str:
                   f"heatmap share on the lungs {_f((b.get('lung_share') or {}).get('mean_share_in_lungs'), 2)} "
                   f"(a flat map {_f(_flat(b.get('lung_share') or {}), 2)})."]
     return "\n".join(lines) + "\n"
+
+
+def _triage_cell(t: dict | None) -> str:
+    if not t or t.get("roc_auc") is None:
+        return "-"
+    ci = t.get("roc_auc_ci95") or [None, None]
+    at = (f" / {_f(t.get('sensitivity'), 2)}, {_f(t.get('specificity'), 2)}" if t.get("sensitivity") is not None else "")
+    return f"{t['roc_auc']:.3f} [{_f(ci[0], 2)}-{_f(ci[1], 2)}]{' (few)' if t.get('few') else ''}{at}"
+
+
+def triage_markdown(report: dict) -> list[str]:
+    """Abnormal vs normal (1 - p(normal)): held out by source, and by patient within each source."""
+    folds = [f for f in report["folds"] if any(r["folds"].get(f, {}).get("triage") for r in report["results"].values())]
+    if not folds:
+        return []
+    src = sorted({s for r in report["results"].values() for s, m in (r.get("in_source", {}).get("by_source") or {}).items()
+                  if (m.get("triage") or {}).get("roc_auc") is not None})
+    lines = ["", "**Triage (any abnormality vs normal, 1 - p(normal))**: ROC-AUC [95 % CI] / sensitivity, specificity at "
+             "the threshold chosen on the training sources' validation split for sensitivity >= 0.95. Held out by source "
+             "(trained without it), then held out by patient within each source (the usual split).", ""]
+    head = ["recipe"] + [f"held-out source {f}" for f in folds] + [f"worst adult ({', '.join(TRIAGE_SOURCES)})"]
+    head += [f"patients held out, {s}" for s in src] + ["TB AUC, Shenzhen patients held out"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, res in report["results"].items():
+        by = res.get("in_source", {}).get("by_source") or {}
+        tb = by.get("tb", {})
+        row = [f"`{name}`"] + [_triage_cell(res["folds"].get(f, {}).get("triage")) for f in folds]
+        row.append(_f((res.get("worst_triage") or {}).get("auc")))
+        row += [_triage_cell((by.get(s) or {}).get("triage")) for s in src]
+        row.append(f"{tb['tuberculosis_auc']:.3f} [{tb['tuberculosis_auc_ci95'][0]:.2f}-{tb['tuberculosis_auc_ci95'][1]:.2f}]"
+                   if tb.get("tuberculosis_auc") is not None else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
 
 
 def plot(report: dict, path: Path) -> None:
@@ -413,13 +581,14 @@ def card_summary(report: dict, recipe: str, command: str = "") -> dict:
     from .ship_rule import decide
 
     res = report["results"][recipe]
-    keep = ("n", "accuracy", "ece", "counts", "auc", "covid19", "lung_share")
+    keep = ("n", "accuracy", "ece", "counts", "auc", "covid19", "triage", "lung_share")
     others = {k: v for k, v in report["results"].items() if k != recipe and v.get("worst_covid19")}
     best = max(others, key=lambda k: others[k]["worst_covid19"]["auc"]) if others else None
     return {
         "mode": report["mode"], "recipe": recipe, "command": command, "folds": report["folds"],
         "per_fold": {f: {k: m[k] for k in keep if k in m} for f, m in res["folds"].items()},
-        "worst_covid19": res.get("worst_covid19"), "in_source": res.get("in_source"), "probe": res.get("probe"),
+        "worst_covid19": res.get("worst_covid19"), "worst_triage": res.get("worst_triage"),
+        "in_source": res.get("in_source"), "probe": res.get("probe"),
         "shipped_model": report.get("baseline"),
         "best_other": None if best is None else {"recipe": best, "worst_covid19": others[best]["worst_covid19"],
                                                   "in_source": others[best].get("in_source"),
@@ -442,6 +611,15 @@ def card_markdown(ext: dict) -> str:
         served = f"{_f(c.get('sensitivity_served'), 2)} / {_f(c.get('specificity_served'), 2)}" if c else "-"
         counts = ", ".join(f"{k}: {v}" for k, v in m["counts"].items())
         lines.append(f"| {f} | {counts} | {m['accuracy']:.3f} | {aucs} | {served} | {m['ece']:.3f} |")
+    tri = [(f, m["triage"]) for f, m in ext["per_fold"].items() if (m.get("triage") or {}).get("roc_auc") is not None]
+    if tri:
+        lines += ["", "Triage (any abnormality vs normal) in the held-out hospital: ROC-AUC [95 % CI]; sensitivity and "
+                  "specificity at the threshold its training sources' validation split set for sensitivity >= 0.95.", "",
+                  "| held out | normal | abnormal | triage ROC-AUC [95 % CI] / sens, spec |", "|---|---|---|---|"]
+        lines += [f"| {f} | {t.get('normal')} | {t.get('abnormal')} | {_triage_cell(t)} |" for f, t in tri]
+        wt = ext.get("worst_triage") or {}
+        lines += ["", f"- Worst held-out adult triage ROC-AUC ({', '.join(wt.get('among') or TRIAGE_SOURCES)}): "
+                  f"{_f(wt.get('auc'))} ({wt.get('fold', '-')}; target 0.85); children (kermany held out): {_f(wt.get('kermany'))}."]
     w = ext.get("worst_covid19") or {}
     lines += ["", f"- Worst held-out COVID-19 ROC-AUC: {_f(w.get('auc'))} ({w.get('fold', '-')}); lowest sensitivity at "
               f"specificity >= 0.80: {_f(w.get('sensitivity_at_spec'))} (targets 0.90 and 0.90)."]

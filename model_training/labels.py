@@ -4,13 +4,17 @@ from __future__ import annotations
 
 # Canonical order. New lung conditions are appended here (never reordered), so
 # that class indices of older models stay meaningful.
-CLASSES: tuple[str, ...] = ("normal", "pneumonia", "covid19")
+CLASSES: tuple[str, ...] = ("normal", "pneumonia", "covid19", "tuberculosis")
 
 DISPLAY_NAMES = {
     "normal": {"en": "Normal", "es": "Normal"},
     "pneumonia": {"en": "Pneumonia", "es": "Neumonía"},
     "covid19": {"en": "COVID-19", "es": "COVID-19"},
+    "tuberculosis": {"en": "Tuberculosis", "es": "Tuberculosis"},
 }
+
+# The class whose probability is subtracted from 1 for the triage score ("does this film need a doctor?").
+NORMAL = "normal"
 
 _ALIASES = {
     "normal": "normal",
@@ -28,6 +32,8 @@ _ALIASES = {
     "covid19": "covid19",
     "covid-19": "covid19",
     "covid_19": "covid19",
+    "tuberculosis": "tuberculosis",
+    "tb": "tuberculosis",
 }
 
 # Labels present in the data that are deliberately not learned (too few, too vague).

@@ -78,6 +78,17 @@ def metrics_by_group(y, probs, classes, groups: list[str]) -> dict:
     return {g: compute_metrics(y[ii], probs[ii], classes) for g, ii in sorted(idx.items())}
 
 
+def bootstrap_auc_ci(y: np.ndarray, s: np.ndarray, n: int = 400, seed: int = 0) -> list[float]:
+    """95 % interval of the ROC-AUC of scores ``s`` for binary ``y``, resampling positives and negatives apart."""
+    rng = np.random.default_rng(seed)
+    y = np.asarray(y).astype(bool)
+    s = np.asarray(s)
+    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+    aucs = [roc_auc_score(np.r_[np.ones(len(pos)), np.zeros(len(neg))],
+                          np.r_[s[rng.choice(pos, len(pos))], s[rng.choice(neg, len(neg))]]) for _ in range(n)]
+    return [float(np.percentile(aucs, 2.5)), float(np.percentile(aucs, 97.5))]
+
+
 def binary_operating_point(y_pos: np.ndarray, score: np.ndarray, min_specificity: float = 0.95) -> dict:
     """Sensitivity at the threshold giving at least ``min_specificity`` (e.g. COVID-19 vs rest)."""
     from sklearn.metrics import roc_curve

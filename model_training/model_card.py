@@ -16,9 +16,9 @@ INTENDED_USE = (
     "prioritise the worklist and flag studies for review. " + NOTICE
 )
 KNN_GATE_METHOD = (
-    "k-nearest-neighbour distance (k=3) to 2000 training X-rays in the model's embedding and in a 16x16 thumbnail, "
-    "each scaled by its 99th percentile on validation X-rays; threshold at the 99.5th percentile of the summed "
-    "score on validation X-rays"
+    "k-nearest-neighbour distance (k=3) to 2000 training X-rays drawn over every source in the model's embedding and "
+    "in a 16x16 thumbnail, each scaled by its 99th percentile on validation X-rays; threshold at the highest of the "
+    "99.5th percentiles of the summed score on validation X-rays, overall and per source (20 or more films)"
 )
 KNOWN_LIMITS = [
     "Source and age confound the labels: every Kermany image is a child (Guangzhou), every COVID-19 and adult "
@@ -27,8 +27,8 @@ KNOWN_LIMITS = [
     "radiography/ has no patient ids: its images may share patients across splits, so its numbers are optimistic.",
     "Trained on downscaled images (224 px Kermany/radiography, <= 512 px covid); not validated on full-resolution DICOM.",
     "Not validated on lateral views, portable ICU films with devices, or on populations of Ecuador.",
-    "Classes are normal / pneumonia / COVID-19 only: other findings (tuberculosis, effusion, masses, ...) are "
-    "unknown to the model and may be called normal.",
+    "Classes are the ones listed in this card only: other findings (effusion, masses, nodules, ...) are unknown to "
+    "the model and may be called normal.",
 ]
 
 
@@ -102,7 +102,9 @@ def card_markdown(card: dict) -> str:
               f"- Calibration: temperature {card['calibration']['temperature']:.3f}; validation ECE {card['calibration']['ece_val_before']:.4f} -> {card['calibration']['ece_val_after']:.4f}"
               + (f"; test ECE {card['calibration']['ece_test_before']:.4f} -> {card['calibration']['ece_test_after']:.4f}" if "ece_test_before" in card["calibration"] else ""),
               (f"- Uncertain when the top two classes are within {card['uncertainty']['threshold']:.3f} (see *Uncertainty rule*)"
-               if card.get("uncertainty") else f"- Uncertain below top probability {card['uncertain_threshold']}")]
+               if card.get("uncertainty") else f"- Uncertain below top probability {card['uncertain_threshold']}"),
+              (f"- Triage: needs a doctor's read when 1 - p(normal) >= {card['triage']['threshold']:.4f} (see *Triage*)"
+               if card.get("triage") else "- Triage: the most probable class (no triage threshold in this card)")]
     for i, mem in enumerate(card.get("members", [])):
         lines.append(f"- Member {i}: {mem['name']} {mem['version']} (`{mem['model']}`), best epoch {mem['best_epoch']}, "
                      f"validation loss {_fmt(mem['val_loss_at_best_epoch'])}; trained with `{mem['command']}`")

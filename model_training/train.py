@@ -361,13 +361,29 @@ def refit_gate(run: Path, seed: int = 0):
     return gate
 
 
-def fit_ood_gate(model_path: Path, spec, by_split: dict, seed: int = 0, n_fit: int = 2000, n_held: int = 1000):
+def stratified(records: list[Record], n: int, seed: int = 0) -> list[Record]:
+    """Up to ``n`` records drawn round-robin over sources (shuffled within each): a small source is not
+    crowded out of the gate's reference set by a large one."""
     rng = random.Random(seed)
-    fit = [r.path for r in by_split["train"]]
-    held = [r.path for r in by_split["val"]]
-    rng.shuffle(fit)
-    rng.shuffle(held)
-    return fit_gate_from_onnx(model_path, spec, fit[:n_fit], held[:n_held])
+    by_source: dict[str, list[Record]] = {}
+    for r in records:
+        by_source.setdefault(r.source, []).append(r)
+    for rs in by_source.values():
+        rng.shuffle(rs)
+    out, i = [], 0
+    while len(out) < n and any(i < len(rs) for rs in by_source.values()):
+        out += [rs[i] for _, rs in sorted(by_source.items()) if i < len(rs)]
+        i += 1
+    return out[:n]
+
+
+def fit_ood_gate(model_path: Path, spec, by_split: dict, seed: int = 0, n_fit: int = 2000, n_held: int = 1000):
+    """The refusal gate: reference X-rays from training and a threshold from validation, both drawn over every
+    source, the threshold high enough for each source's own validation X-rays (uplink_server.ood.fit_gate)."""
+    fit = stratified(by_split["train"], n_fit, seed)
+    held = stratified(by_split["val"], n_held, seed)
+    return fit_gate_from_onnx(model_path, spec, [r.path for r in fit], [r.path for r in held],
+                              held_groups=[r.source for r in held])
 
 
 def finalize(model, cfg, out, classes, spec, aug_cfg, records, by_split, eval_loaders, history, best_epoch,

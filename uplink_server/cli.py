@@ -31,7 +31,7 @@ def cmd_predict(args) -> int:
     for i in range(0, len(present), BATCH):  # a batch runs faster per image than one file at a time
         chunk = present[i:i + BATCH]
         preds.update(zip(chunk, clf.predict_batch(chunk, heatmap=bool(args.heatmap), names=chunk,
-                                                  check_ood=not args.no_ood)))
+                                                  check_ood=not args.no_ood, heatmap_class=args.heatmap_class)))
     for f in args.files:
         if f not in preds:
             refused += 1
@@ -51,7 +51,11 @@ def cmd_predict(args) -> int:
             else:
                 probs = "  ".join(f"{c}={p:.3f}" for c, p in pred.probabilities.items())
                 flag = " (uncertain)" if pred.uncertain else ""
-                print(f"{f}: {pred.label}{flag}  {probs}  [{clf.name} {clf.version}, {pred.elapsed_ms:.0f} ms]"
+                tri = pred.triage
+                lead = "" if tri is None else (
+                    f"{'NEEDS A DOCTOR' + chr(39) + 'S READ' if tri['needs_read'] else 'no abnormality found by the model'} "
+                    f"(score {tri['score']:.3f}); finding: ")
+                print(f"{f}: {lead}{pred.label}{flag}  {probs}  [{clf.name} {clf.version}, {pred.elapsed_ms:.0f} ms]"
                       + (f"  heatmap: {d['heatmap']}" if "heatmap" in d else ""))
     if args.json:
         print(json.dumps({"results": results, "notice": NOTICE}, indent=2))
@@ -114,7 +118,9 @@ def cmd_info(args) -> int:
     clf = Classifier(args.model)
     print(json.dumps({"name": clf.name, "version": clf.version, "classes": clf.classes, "path": str(clf.path),
                       "preprocessing": clf.spec.to_dict(), "temperature": clf.temperature,
-                      "uncertainty": {"rule": clf.uncertainty.rule, "threshold": clf.uncertainty.threshold}, "ood_gate": clf.gate is not None}, indent=2))
+                      "uncertainty": {"rule": clf.uncertainty.rule, "threshold": clf.uncertainty.threshold},
+                      "triage": {"threshold": clf.triage.threshold, "rule": clf.triage.source},
+                      "ood_gate": clf.gate is not None}, indent=2))
     return 0
 
 
@@ -126,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model file (default: the one in weights/, or $CXR_MODEL)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--heatmap", metavar="OUT.png", help="write the heatmap overlay (several files: OUT-<name>.png)")
+    p.add_argument("--heatmap-class", metavar="CLASS", help="the heatmap of this class (default: the most probable one)")
     p.add_argument("--no-ood", action="store_true", help="skip the 'is this a chest X-ray' check")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(fn=cmd_predict)

@@ -15,6 +15,7 @@ from . import gradcam, ood
 from .errors import Refusal
 from .imaging import DecodedImage, decode
 from .preprocessing import PreprocessSpec, preprocess, view_box
+from .triage import TriageRule
 from .uncertainty import UncertaintyRule, margin
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +48,7 @@ class Prediction:
     probabilities: dict[str, float] = field(default_factory=dict)
     uncertain: bool = False
     margin: float | None = None  # top probability minus the runner-up's
+    triage: dict | None = None  # {score: 1 - p(normal), needs_read, threshold} (uplink_server.triage)
     refused: bool = False
     refusal: dict | None = None
     model: str = ""
@@ -68,6 +70,7 @@ class Prediction:
             "probabilities": self.probabilities,
             "uncertain": self.uncertain,
             "margin": None if self.margin is None else round(self.margin, 4),
+            "triage": self.triage,
             "refused": self.refused,
             "refusal": self.refusal,
             "model": self.model,
@@ -195,6 +198,7 @@ class Classifier:
                 raise ModelNotFound(f"{path} reads the lung field: {exc}") from None
         self.temperature = float(card.get("calibration", {}).get("temperature", 1.0))
         self.uncertainty = UncertaintyRule.from_card(card)
+        self.triage = TriageRule.from_card(card)
         self.name = card.get("name", path.stem)
         self.version = str(card.get("version", ""))
         self.gate = None
@@ -225,17 +229,22 @@ class Classifier:
         return preprocess(image.gray, self.spec)
 
     # --- the whole path -----------------------------------------------------------
-    def predict(self, source, heatmap: bool = True, name: str = "", check_ood: bool = True) -> Prediction:
+    def predict(self, source, heatmap: bool = True, name: str = "", check_ood: bool = True,
+                heatmap_class: str | None = None) -> Prediction:
         """Classify one upload (path, bytes or file object); refusals come back as a refused Prediction."""
-        return self.predict_batch([source], heatmap, [name], check_ood)[0]
+        return self.predict_batch([source], heatmap, [name], check_ood, heatmap_class)[0]
 
     def predict_batch(self, sources: list, heatmap: bool = True, names: list[str] | None = None,
-                      check_ood: bool = True) -> list[Prediction]:
+                      check_ood: bool = True, heatmap_class: str | None = None) -> list[Prediction]:
         """Classify several uploads with one model run (faster per image than one by one).
 
         Each image is decoded and checked on its own, so one bad file refuses only
-        itself. ``elapsed_ms`` of each is the batch's time divided by its size.
+        itself. ``elapsed_ms`` of each is the batch's time divided by its size. The heatmap is the most
+        probable class's, or ``heatmap_class``'s (e.g. where the model sees tuberculosis on a film it calls
+        normal).
         """
+        if heatmap_class is not None and heatmap_class not in self.classes:
+            raise ValueError(f"no class {heatmap_class!r} in this model: it knows {', '.join(self.classes)}")
         t0 = time.perf_counter()
         names = names or [""] * len(sources)
         prepared = [self.prepare(source, name, check_ood) for source, name in zip(sources, names)]
@@ -245,7 +254,8 @@ class Classifier:
             probs = self.probabilities(logits)
             scores = self.gate_scores(ready, embs)
             for i, p in enumerate(ready):
-                self.finish(p, probs[i], None if cams is None else cams[i], None if scores is None else scores[i], heatmap)
+                self.finish(p, probs[i], None if cams is None else cams[i], None if scores is None else scores[i], heatmap,
+                            heatmap_class)
         per_image = (time.perf_counter() - t0) * 1000 / max(1, len(sources))
         for p in prepared:
             p.pred.elapsed_ms = per_image
@@ -277,7 +287,8 @@ class Classifier:
             scores[idx] = self.gate.score(np.asarray(embs)[idx], np.stack([prepared[i].thumb for i in idx]))
         return scores
 
-    def finish(self, p: "Prepared", probs: np.ndarray, cam, ood_score: float | None = None, heatmap: bool = True) -> Prediction:
+    def finish(self, p: "Prepared", probs: np.ndarray, cam, ood_score: float | None = None, heatmap: bool = True,
+               heatmap_class: str | None = None) -> Prediction:
         """The per-image work after the model ran: the refusal gate's verdict, label, heatmap."""
         pred = p.pred
         if ood_score is not None and not np.isnan(ood_score):
@@ -290,7 +301,8 @@ class Classifier:
         pred.probabilities = {c: float(v) for c, v in zip(self.classes, probs)}
         pred.margin = margin(probs)
         pred.uncertain = self.uncertainty.is_uncertain(probs)
+        pred.triage = self.triage.assess(pred.probabilities)
         if heatmap and cam is not None:
-            pred.heatmap = gradcam.normalize_cam(cam[k])
+            pred.heatmap = gradcam.normalize_cam(cam[k if heatmap_class is None else self.classes.index(heatmap_class)])
             pred.heatmap_png = gradcam.to_png(gradcam.overlay(p.image.gray, pred.heatmap, box=view_box(p.image.gray, self.spec)))
         return pred

@@ -120,18 +120,33 @@ class XrayGate:
                    float(z["emb_scale"]), float(z["thumb_scale"]), float(z["threshold"]))
 
 
-def fit_gate(fit_emb, fit_thumbs, held_emb, held_thumbs, k: int = 3, quantile: float = 0.995) -> XrayGate:
-    """Reference sets from training X-rays; scales and threshold from held-out X-rays."""
+MIN_GROUP = 20  # held-out X-rays a source needs before its own quantile may raise the threshold
+
+
+def fit_gate(fit_emb, fit_thumbs, held_emb, held_thumbs, k: int = 3, quantile: float = 0.995,
+             held_groups: list[str] | None = None) -> XrayGate:
+    """Reference sets from training X-rays; scales and threshold from held-out X-rays.
+
+    With ``held_groups`` (the source of each held-out X-ray) the threshold is the highest of the overall
+    quantile and each source's own: a source unlike the others (128 px films of one TB programme) would
+    otherwise have its films refused far more often than the overall rate says."""
     gate = XrayGate(_unit(fit_emb), _unit(fit_thumbs), k, 1.0, 1.0, np.inf)
     e = gate._knn(gate.emb_ref, _unit(held_emb))
     t = gate._knn(gate.thumb_ref, _unit(held_thumbs))
     gate.emb_scale = float(np.quantile(e, 0.99)) or 1.0
     gate.thumb_scale = float(np.quantile(t, 0.99)) or 1.0
-    gate.threshold = float(np.quantile(e / gate.emb_scale + t / gate.thumb_scale, quantile))
+    score = e / gate.emb_scale + t / gate.thumb_scale
+    gate.threshold = float(np.quantile(score, quantile))
+    if held_groups is not None:
+        groups = np.asarray(held_groups)
+        for g in np.unique(groups):
+            if (groups == g).sum() >= MIN_GROUP:
+                gate.threshold = max(gate.threshold, float(np.quantile(score[groups == g], quantile)))
     return gate
 
 
-def fit_gate_from_onnx(model_path: Path, spec, fit_paths: list[str], held_paths: list[str], batch: int = 32) -> XrayGate:
+def fit_gate_from_onnx(model_path: Path, spec, fit_paths: list[str], held_paths: list[str], batch: int = 32,
+                       held_groups: list[str] | None = None) -> XrayGate:
     """Fit the gate with an exported model (the same outputs the server sees)."""
     import onnxruntime as ort
 
@@ -153,4 +168,4 @@ def fit_gate_from_onnx(model_path: Path, spec, fit_paths: list[str], held_paths:
 
     fe, ft = run(fit_paths)
     he, ht = run(held_paths)
-    return fit_gate(fe, ft, he, ht)
+    return fit_gate(fe, ft, he, ht, held_groups=held_groups)

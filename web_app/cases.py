@@ -15,6 +15,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from model_training.labels import CLASSES
 from uplink_server import deidentify, drift
 from uplink_server.errors import Refusal
 from uplink_server.imaging import DecodedImage, decode
@@ -195,7 +196,8 @@ def apply_outcome(db: Session, settings: Settings, job: Job, outcome: Outcome) -
               "elapsed_ms": r.get("elapsed_ms"), "job_id": None}
     if r.get("refused"):
         values.update(status="refused", refusal_code=(r.get("refusal") or {}).get("code"),
-                      refusal_message=(r.get("refusal") or {}).get("message"), label=None, probabilities=None, risk=None)
+                      refusal_message=(r.get("refusal") or {}).get("message"), label=None, probabilities=None, risk=None,
+                      needs_read=None, triage_threshold=None)
     else:
         # this site's calibration of that model, if an admin applied one; the model's own answer is kept beside it
         cal = active_calibration(db, model_key(r.get("model"), r.get("version")))
@@ -204,7 +206,10 @@ def apply_outcome(db: Session, settings: Settings, job: Job, outcome: Outcome) -
         values.update(status="done", refusal_code=None, refusal_message=None, label=r["label"],
                       probabilities=shown, uncertain=bool(r.get("uncertain")) if uncertain is None else uncertain,
                       model_probabilities=r["probabilities"], calibration_version=cal.version if cal else None,
-                      risk=1.0 - float(shown.get("normal", 0.0)))
+                      risk=1.0 - float(shown.get("normal", 0.0)),
+                      # the model's triage on its own probabilities and card threshold (None from older servers)
+                      needs_read=(r.get("triage") or {}).get("needs_read"),
+                      triage_threshold=(r.get("triage") or {}).get("threshold"))
         if outcome.heatmap_png:
             hp = f"{job.case_id}-{job.id[:12]}.heatmap.png"  # a repeated answer rewrites the same file
             (settings.upload_dir / hp).write_bytes(outcome.heatmap_png)
@@ -254,6 +259,9 @@ def case_dict(case: Case) -> dict:
         "refused": case.status == "refused",
         "refusal": {"code": case.refusal_code, "message": case.refusal_message} if case.refusal_code else None,
         "risk": case.risk,
+        "triage": None if case.triage_flag is None else {
+            "needs_read": case.triage_flag, "score": case.risk, "threshold": case.triage_threshold,
+            "rule": "model card threshold on 1 - p(normal)" if case.needs_read is not None else "most probable class"},
         "model": case.model_name,
         "model_version": case.model_version,
         "served_by": case.served_by,
@@ -263,8 +271,8 @@ def case_dict(case: Case) -> dict:
     }
 
 
-CSV_FIELDS = ["id", "patient_code", "created_at", "filename", "status", "label", "uncertain", "risk",
-              "p_normal", "p_pneumonia", "p_covid19", "refusal_code", "model", "model_version", "created_by",
+CSV_FIELDS = ["id", "patient_code", "created_at", "filename", "status", "needs_read", "label", "uncertain", "risk",
+              *(f"p_{c}" for c in CLASSES), "refusal_code", "model", "model_version", "created_by",
               "reading", "agrees", "reviewer"]
 
 
@@ -278,6 +286,7 @@ def export_csv(cases) -> str:
         d.update({f"p_{k}": f"{v:.4f}" for k, v in probs.items()})
         d["refusal_code"] = c.refusal_code
         d["risk"] = "" if c.risk is None else f"{c.risk:.4f}"
+        d["needs_read"] = "" if c.triage_flag is None else ("yes" if c.triage_flag else "no")
         if d["review"]:
             d.update(reading=d["review"]["reading"], agrees=d["review"]["agrees"], reviewer=d["review"]["reviewer"])
         w.writerow(d)

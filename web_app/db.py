@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
+from model_training.labels import NORMAL
 from sqlalchemy import (
     JSON,
     Boolean,
@@ -74,7 +75,20 @@ class Case(Base):
     model_probabilities: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     calibration_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     image_stats: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # gray mean/std, for drift checks
+    # triage (uplink_server.triage): the model's "needs a doctor's read" and the card threshold it used;
+    # NULL for cases from before 2.0.0 (see ``triage_flag``)
+    needs_read: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    triage_threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
     creator: Mapped[User] = relationship()
+
+    @property
+    def triage_flag(self) -> bool | None:
+        """Needs a doctor's read: the model's own triage, else (older models and cases) its class not normal;
+        None when there is no result."""
+        if self.status != "done" or not self.label:
+            return None
+        return self.needs_read if self.needs_read is not None else self.label != NORMAL
+
     # the doctors' readings, newest first (the first one counts)
     reviews: Mapped[list["Review"]] = relationship(order_by="Review.id.desc()", viewonly=True)
 

@@ -35,6 +35,10 @@ STRINGS = {
   "normal": {"en": "Normal", "es": "Normal"},
   "pneumonia": {"en": "Pneumonia", "es": "Neumonía"},
   "covid19": {"en": "COVID-19", "es": "COVID-19"},
+  "tuberculosis": {"en": "Tuberculosis", "es": "Tuberculosis"},
+  "needs_read": {"en": "Needs a doctor's read", "es": "Necesita la lectura de un médico"},
+  "no_abnormality": {"en": "No abnormality found by the model", "es": "El modelo no encontró anomalías"},
+  "triage_line": {"en": "{lead}. Finding: {finding}", "es": "{lead}. Hallazgo: {finding}"},
 }
 
 

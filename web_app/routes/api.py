@@ -75,6 +75,13 @@ class ReviewOut(BaseModel):
     created_at: str
 
 
+class TriageOut(BaseModel):
+    needs_read: bool  # the first line a user reads: "Needs a doctor's read" / "No abnormality found by the model"
+    score: float | None  # 1 - p(normal) as shown (after any site calibration)
+    threshold: float | None  # the model card's operating point; None for models without one
+    rule: str
+
+
 class CaseOut(BaseModel):
     id: int
     patient_code: str
@@ -88,6 +95,7 @@ class CaseOut(BaseModel):
     refused: bool
     refusal: Refusal | None
     risk: float | None
+    triage: TriageOut | None = None  # None while pending or refused
     model: str | None
     model_version: str | None
     served_by: str | None

@@ -106,7 +106,13 @@ class XrayForm(XrayFormTemplate):
         self.next_step_label.visible = True
       return
     probs = sorted(res["probabilities"].items(), key=lambda kv: -kv[1])
-    self.result_label.text = "%s %s" % (class_name(lang, res["label"]), pct(probs[0][1]))
+    finding = "%s %s" % (class_name(lang, res["label"]), pct(probs[0][1]))
+    triage = res.get("triage")
+    if triage:  # triage first: does this film need a doctor's read? then the finding
+      lead = t(lang, "needs_read" if triage["needs_read"] else "no_abnormality")
+      self.result_label.text = t(lang, "triage_line", lead=lead, finding=finding)
+    else:  # a model without a normal class
+      self.result_label.text = finding
     if res["uncertain"] and len(probs) > 1:
       self.uncertain_label.text = t(lang, "uncertain", a=class_name(lang, probs[0][0]), b=class_name(lang, probs[1][0]))
       self.uncertain_label.visible = True
