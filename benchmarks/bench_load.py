@@ -247,7 +247,7 @@ def _reset_postgres() -> None:
     import psycopg
 
     with psycopg.connect("postgresql://postgres@127.0.0.1:5432/test", autocommit=True) as conn:
-        conn.execute("DROP TABLE IF EXISTS audit_log, api_tokens, cases, users, sign_in_failures, alembic_version CASCADE")
+        conn.execute("DROP TABLE IF EXISTS user_sessions, reviews, site_settings, site_calibrations, audit_log, api_tokens, cases, users, sign_in_failures, alembic_version CASCADE")
 
 
 def main(argv=None) -> int:

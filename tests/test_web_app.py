@@ -286,7 +286,7 @@ def test_postgres_database(tmp_path, classifier, one_xray):
     except Exception as exc:
         pytest.skip(f"PostgreSQL not reachable: {exc}")
     with conn:
-        conn.execute("DROP TABLE IF EXISTS reviews, site_settings, site_calibrations, audit_log, api_tokens, cases, users, sign_in_failures, alembic_version CASCADE")
+        conn.execute("DROP TABLE IF EXISTS user_sessions, reviews, site_settings, site_calibrations, audit_log, api_tokens, cases, users, sign_in_failures, alembic_version CASCADE")
     with live_app(tmp_path / "d", classifier=classifier, database_url=url) as (app, base):
         r = _api(base).post("/api/v1/predict", files={"file": ("a.jpeg", one_xray.read_bytes(), "image/jpeg")},
                             data={"patient_code": "PG-1"})
@@ -294,7 +294,7 @@ def test_postgres_database(tmp_path, classifier, one_xray):
     with psycopg.connect("postgresql://postgres@127.0.0.1:5432/test") as conn:
         assert conn.execute("SELECT version_num FROM alembic_version").fetchone()[0] == head_revision()
         assert conn.execute("SELECT count(*) FROM cases WHERE patient_code = 'PG-1'").fetchone()[0] == 1
-        conn.execute("DROP TABLE IF EXISTS reviews, site_settings, site_calibrations, audit_log, api_tokens, cases, users, sign_in_failures, alembic_version CASCADE")
+        conn.execute("DROP TABLE IF EXISTS user_sessions, reviews, site_settings, site_calibrations, audit_log, api_tokens, cases, users, sign_in_failures, alembic_version CASCADE")
 
 
 def test_oversized_upload_refused_without_500(tmp_path, classifier, one_xray):

@@ -113,10 +113,19 @@ def read_dicom(data: bytes | None = None, ds=None) -> tuple[np.ndarray, dict]:
             raise Refusal("corrupt_image", "The DICOM file is truncated: its image data is missing.")
         raise Refusal("unsupported_dicom", "The DICOM file holds no image (no PixelData).")
     check_geometry(ds, rows, cols, frames, meta["photometric"])
-    from .imaging import MAX_PIXELS
+    from .imaging import MAX_DECODED_BYTES, MAX_PIXELS
 
     if rows * cols * frames > MAX_PIXELS:
         raise Refusal("too_many_pixels")
+    # what decoding would allocate, not just the pixel count: an RLE or JPEG file of a few MB can promise a
+    # 7000 x 7000 RGB 16-bit image (294 MB raw, gigabytes through the LUTs); refused before any decompression
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    bits = int(ds.get("BitsAllocated", 8) or 8)
+    decoded = rows * cols * frames * samples * max(1, (bits + 7) // 8)
+    if decoded > MAX_DECODED_BYTES:
+        raise Refusal("too_many_pixels", f"The DICOM image would decode to {decoded / 1e6:.0f} MB ({cols}x{rows}, "
+                                         f"{frames} frame(s), {samples} sample(s) of {bits} bits); the limit is "
+                                         f"{MAX_DECODED_BYTES / 1e6:.0f} MB.")
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     _check_pixel_data_length(ds, ts, rows, cols, frames)
     try:

@@ -26,6 +26,8 @@ REFUSAL_CODES: dict[str, str] = {
     "not_chest_xray": "The image does not look like a frontal chest X-ray.",
     "model_unavailable": "No model is available to classify the image right now.",
     "queued": "The image is queued for a model server; the result appears on the case when it is ready.",
+    "busy": "Every model is busy with other uploads; the image is saved and will be analysed automatically.",
+    "interrupted": "The analysis was interrupted (the server restarted); it will be analysed again automatically.",
 }
 
 

@@ -27,6 +27,8 @@ REFUSAL_TEXT: dict[str, dict[str, str]] = {
     'burned_in_annotation': {"en": 'This DICOM has patient data burned into the image, so it cannot be stored de-identified. Export it without annotations.', "es": 'Este DICOM tiene datos del paciente grabados en la imagen y no puede guardarse sin identificar. Expórtelo sin anotaciones.'},
     'deidentification_failed': {"en": 'The file could not be de-identified, so nothing of it was stored.', "es": 'No se pudo quitar la identificación del archivo; no se guardó nada de él.'},
     'queued': {"en": 'The image is queued for a model server. The result will appear on this case; reload in a moment.', "es": 'La imagen está en cola para un servidor de modelos. El resultado aparecerá en este caso; recargue en un momento.'},
+    'busy': {"en": 'Every model is busy with other uploads right now. The image is saved and will be analysed automatically.', "es": 'Todos los modelos están ocupados con otras imágenes. La imagen quedó guardada y se analizará automáticamente.'},
+    'interrupted': {"en": 'The analysis was interrupted by a restart. The image is saved and will be analysed again automatically.', "es": 'El análisis se interrumpió por un reinicio. La imagen quedó guardada y se analizará de nuevo automáticamente.'},
 }
 
 NEXT_STEP: dict[str, dict[str, str]] = {
@@ -48,6 +50,8 @@ NEXT_STEP: dict[str, dict[str, str]] = {
     'not_chest_xray': {"en": 'Check it is a frontal chest X-ray the right way up; rotate it or upload the original DICOM. If it is, retake the image.', "es": 'Compruebe que sea una radiografía de tórax frontal y derecha; gírela o suba el DICOM original. Si lo es, repita la toma.'},
     'model_unavailable': {"en": 'The image is kept: press Analyze again in a few minutes, or tell the administrator.', "es": 'La imagen quedó guardada: pulse Analizar de nuevo en unos minutos, o avise al administrador.'},
     'queued': {"en": 'Reload this page in a moment.', "es": 'Recargue esta página en un momento.'},
+    'busy': {"en": 'Nothing to do: this page updates when the result is ready.', "es": 'No hace falta hacer nada: esta página se actualiza cuando el resultado esté listo.'},
+    'interrupted': {"en": 'Nothing to do: this page updates when the result is ready.', "es": 'No hace falta hacer nada: esta página se actualiza cuando el resultado esté listo.'},
 }
 
 

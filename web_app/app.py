@@ -30,6 +30,18 @@ class LoginRequired(Exception):
     pass
 
 
+# Every response: nothing loads from another origin, no page may be framed (clickjacking), types are not sniffed,
+# and no address leaves in a Referer. Inline handlers and styles stay allowed: the pages use a few of their own.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+                                "img-src 'self' data: blob:; media-src 'self' blob:; connect-src 'self'; object-src 'none'; "
+                                "base-uri 'self'; form-action 'self'; frame-ancestors 'none'"),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
 def ensure_admin(SessionLocal, settings: Settings) -> str | None:
     """Create the first admin if there is no user; returns a generated password to print."""
     with SessionLocal() as db:
@@ -83,12 +95,17 @@ def create_app(settings: Settings | None = None, classifier="auto") -> FastAPI:
         print(f"First admin account: {settings.admin_email} / password: {generated}  (change it, or set CXR_ADMIN_PASSWORD)", flush=True)
     local = load_local_model(settings) if classifier == "auto" else classifier
     router = ModelRouter(local, timeout=settings.uplink_timeout_s, max_batch=settings.max_batch,
-                         max_delay_ms=settings.batch_delay_ms)
+                         max_delay_ms=settings.batch_delay_ms, max_waiting=settings.max_queue,
+                         queue_wait_s=settings.queue_wait_s)
 
     @asynccontextmanager
     async def lifespan(app):
+        from .cases import resume_pending
+
         task = asyncio.create_task(connect_broker(router, settings, SessionLocal)) if settings.broker_url else None
+        resumer = asyncio.create_task(resume_pending(SessionLocal, settings, router, settings.resume_interval_s))
         yield
+        resumer.cancel()
         if task is not None:
             task.cancel()
         if router.broker is not None:
@@ -109,6 +126,13 @@ def create_app(settings: Settings | None = None, classifier="auto") -> FastAPI:
                        https_only=settings.secure_cookies, session_cookie="cxr_session", max_age=12 * 3600)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next):
+        response = await call_next(request)
+        for k, v in SECURITY_HEADERS.items():
+            response.headers.setdefault(k, v)
+        return response
+
     from .routes import api, pages
 
     app.include_router(pages.router)
@@ -120,7 +144,9 @@ def create_app(settings: Settings | None = None, classifier="auto") -> FastAPI:
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz():
-        return {"ok": True, "model_available": router.available, **(await router.full_status())}
+        # "saturated": uploads are being turned away (503) right now; monitoring should see it, not only "ok"
+        return {"ok": True, "model_available": router.available, "saturated": router.saturated,
+                **(await router.full_status())}
 
     @app.exception_handler(LoginRequired)
     async def _login(request: Request, exc: LoginRequired):
@@ -134,9 +160,10 @@ def create_app(settings: Settings | None = None, classifier="auto") -> FastAPI:
         msg = {403: translate("forbidden", lang), 404: translate("not_found", lang)}.get(exc.status_code, str(exc.detail))
         user = None  # signed-in users keep their navigation on error pages
         if "session" in request.scope and request.session.get("user_id"):
+            from .sessions import current_user
+
             with SessionLocal() as db:
-                user = db.get(User, request.session["user_id"])
-                user = user if user is not None and user.active else None
+                user = current_user(request.session, db)
         from .deps import csrf_token
         from .security import can
 
@@ -145,6 +172,17 @@ def create_app(settings: Settings | None = None, classifier="auto") -> FastAPI:
             can=lambda p: user is not None and can(user.role, p), csrf=csrf_token(request) if "session" in request.scope else "",
             notice=translate("notice", lang))
         return HTMLResponse(html, status_code=exc.status_code)
+
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    @app.exception_handler(PoolTimeout)
+    async def _pool(request: Request, exc: PoolTimeout):  # every database connection busy: come back, not a 500
+        log.warning("database connections exhausted on %s", request.url.path)
+        body = "the server is busy; try again in a few seconds"
+        headers = {"Retry-After": "5"}
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"detail": body}, status_code=503, headers=headers)
+        return HTMLResponse(f"<h1>Busy</h1><p>{body}</p>", status_code=503, headers=headers)
 
     @app.exception_handler(Exception)
     async def _any(request: Request, exc: Exception):  # never a stack trace to the user

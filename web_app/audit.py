@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import csv
-import io
-
 from fastapi import Request
 from sqlalchemy.orm import Session
 
 from .db import AuditLog, User
+from .spreadsheet import to_csv
 
 # What is recorded, with the words the audit page shows
 ACTIONS = ("login", "login_failed", "login_throttled", "logout", "token_created", "token_revoked", "token_rejected",
@@ -34,10 +32,6 @@ AUDIT_FIELDS = ["id", "at", "action", "user", "address", "case_id", "detail"]
 
 
 def audit_csv(entries) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(AUDIT_FIELDS)
-    for e in entries:
-        w.writerow([e.id, e.at.isoformat() + "Z", e.action, e.user.email if e.user else "", e.address or "",
-                    e.case_id or "", "" if not e.detail else "; ".join(f"{k}={v}" for k, v in e.detail.items())])
-    return buf.getvalue()
+    return to_csv(AUDIT_FIELDS, ([e.id, e.at.isoformat() + "Z", e.action, e.user.email if e.user else "", e.address or "",
+                                  e.case_id or "", "" if not e.detail else "; ".join(f"{k}={v}" for k, v in e.detail.items())]
+                                 for e in entries))

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import csv
+import asyncio
 import io
 import logging
 import uuid
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -24,8 +25,9 @@ from uplink_server.uncertainty import margin
 from .broker import JobPending
 from .config import Settings
 from .db import AuditLog, Case, User
-from .inference import Job, ModelRouter, ModelUnavailable, Outcome
+from .inference import Job, ModelRouter, ModelUnavailable, Outcome, Saturated
 from .recalibration import active as active_calibration
+from .spreadsheet import to_csv
 from .recalibration import apply_to as apply_calibration
 from .reviews import model_key, review_dict
 
@@ -56,13 +58,37 @@ async def read_upload(f, settings: Settings) -> Upload:
     return Upload(f.filename or "upload", data)
 
 
+def is_zip(up: Upload) -> bool:
+    return up.data[:4] == b"PK\x03\x04" or Path(up.filename).suffix.lower() == ".zip"
+
+
+# A ZIP bomb (a few MB of zeros that unpack to gigabytes) is refused from its directory before anything is
+# unpacked, and the unpacking itself counts what it really reads: the directory's sizes can lie.
+MAX_ZIP_RATIO = 200  # uncompressed / compressed per member; X-ray JPEGs, PNGs and DICOMs are far below
+
+
+def _read_member(zf: zipfile.ZipFile, m: zipfile.ZipInfo, budget: int, limit: int) -> bytes:
+    """A member's bytes, stopping as soon as it passes its own limit or the archive's remaining budget."""
+    cap = min(limit, budget)
+    out = bytearray()
+    with zf.open(m) as fh:
+        while chunk := fh.read(1 << 20):
+            out += chunk
+            if len(out) > cap:
+                raise UploadError("zip_bomb" if len(out) > budget else "file_too_large",
+                                  f"{m.filename} unpacks to more than {cap // (1024 * 1024)} MB", 413)
+    return bytes(out)
+
+
 def expand_uploads(uploads: list[Upload], settings: Settings) -> list[Upload]:
-    """Unpack ZIP archives (bounded). Whether a file is a ZIP, an image or
-    neither is decided by its content; the name is only a hint."""
+    """Unpack ZIP archives within a budget: member count, each member's size and compression ratio, and the
+    archive's total unpacked bytes (``max_zip_total_mb``). Whether a file is a ZIP, an image or neither is decided
+    by its content; the name is only a hint. CPU and memory bound: call it off the event loop."""
     out: list[Upload] = []
     limit = settings.max_upload_mb * 1024 * 1024
+    total = settings.max_zip_total_mb * 1024 * 1024
     for up in uploads:
-        if up.data[:4] != b"PK\x03\x04" and Path(up.filename).suffix.lower() != ".zip":
+        if not is_zip(up):
             out.append(up)  # decoded (or refused) by content when its case is made
             continue
         try:
@@ -74,11 +100,22 @@ def expand_uploads(uploads: list[Upload], settings: Settings) -> list[Upload]:
                            and not Path(m.filename).name.startswith(".")]
                 if len(members) > settings.max_zip_files:
                     raise UploadError("zip_error", f"the ZIP holds {len(members)} files; the limit is {settings.max_zip_files}", 413)
+                declared = sum(m.file_size for m in members)
+                if declared > total:
+                    raise UploadError("zip_bomb", f"{up.filename} unpacks to {declared // (1024 * 1024)} MB; the limit is "
+                                                  f"{settings.max_zip_total_mb} MB", 413)
                 for m in members:
                     if m.file_size > limit:
                         raise UploadError("file_too_large", f"{m.filename} is too large", 413)
-                    out.append(Upload(Path(m.filename).name, zf.read(m)))
-        except zipfile.BadZipFile as exc:
+                    if m.file_size > MAX_ZIP_RATIO * max(m.compress_size, 1) and m.file_size > 1024 * 1024:
+                        raise UploadError("zip_bomb", f"{m.filename} is compressed {m.file_size // max(m.compress_size, 1)}"
+                                                      f" to 1: not an image", 413)
+                budget = total
+                for m in members:
+                    data = _read_member(zf, m, budget, limit)
+                    budget -= len(data)
+                    out.append(Upload(Path(m.filename).name, data))
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, zlib.error) as exc:
             raise UploadError("zip_error", f"{up.filename}: not a readable ZIP file ({exc})", 400) from exc
     if not out:
         raise UploadError("no_file", "no file was uploaded", 400)
@@ -111,6 +148,17 @@ def _save_preview(image: DecodedImage, path: Path) -> None:
     pil.save(path, format="PNG", compress_level=1)
 
 
+MAX_PATIENT_CODE = 64
+
+
+def check_patient_codes(*codes: str) -> None:
+    """A patient code longer than the database keeps is refused, not cut: a cut code could name another patient."""
+    for code in codes:
+        if len((code or "").strip()) > MAX_PATIENT_CODE:
+            raise UploadError("patient_code_too_long", f"the patient code has {len(code.strip())} characters; "
+                                                       f"the limit is {MAX_PATIENT_CODE}", 422)
+
+
 def create_case(db: Session, settings: Settings, user: User, upload: Upload, patient_code: str) -> Case:
     """Store the upload de-identified (or nothing of it) and a pending case.
 
@@ -119,7 +167,8 @@ def create_case(db: Session, settings: Settings, user: User, upload: Upload, pat
     decoded or de-identified is refused and not written anywhere; the original
     file name is not kept (the case id names the stored file).
     """
-    patient_code = (patient_code or "").strip()[:64]
+    check_patient_codes(patient_code)
+    patient_code = (patient_code or "").strip()
     case = Case(patient_code=patient_code, created_by=user.id, filename="", status="pending", uncertain=False,
                 job_id=uuid.uuid4().hex)
     db.add(case)
@@ -148,26 +197,33 @@ def create_case(db: Session, settings: Settings, user: User, upload: Upload, pat
     return case
 
 
-async def classify_case(db: Session, settings: Settings, router: ModelRouter, case: Case, user: User) -> Case:
-    """Run the model on a stored case; a missing model leaves it pending, nothing lost.
+async def classify_case(db: Session, settings: Settings, router: ModelRouter, case: Case, user: User | None) -> Case:
+    """Run the model on a stored case; a missing or saturated model leaves it pending, nothing lost.
 
     The case waits for a job id (set when it is stored, renewed once an answer
     has been written); the answer is written only while the case still waits
     for that job, so a job answered twice (redelivered by the broker) changes
-    the case once. The database and file work runs off the event loop.
+    the case once. The database and file work runs off the event loop, and no
+    database connection is held while the model works (a burst of uploads would
+    otherwise exhaust the pool). ``user`` None: the resumer, not a person.
     """
     if not case.image_path:
         return case
     data = await run_in_threadpool((settings.upload_dir / case.image_path).read_bytes)
     if case.job_id is None:  # a retry of an answered case: a new attempt
         case.job_id = uuid.uuid4().hex
-        await run_in_threadpool(db.commit)
-    job = Job(case.job_id, case.id, user.id)
+    case.attempts = (case.attempts or 0) + 1
+    case_id = case.id
+    decoded = getattr(case, "decoded", None)
+    await run_in_threadpool(db.commit)  # ends the transaction: the connection goes back to the pool
+    job = Job(case.job_id, case_id, user.id if user is not None else None)
     try:
         # the stored file holds the same pixels as the upload decoded moments ago
-        outcome = await router.predict(data, case.filename, job, decoded=getattr(case, "decoded", None))
+        outcome = await router.predict(data, case.filename, job, decoded=decoded)
     except ModelUnavailable:
         return await run_in_threadpool(_mark_pending, db, case, job.id, "model_unavailable")
+    except Saturated:
+        return await run_in_threadpool(_mark_pending, db, case, job.id, "busy")
     except JobPending:
         return await run_in_threadpool(_mark_pending, db, case, job.id, "queued")
 
@@ -177,6 +233,43 @@ async def classify_case(db: Session, settings: Settings, router: ModelRouter, ca
         return case
 
     return await run_in_threadpool(write)
+
+
+MAX_ATTEMPTS = 6  # automatic tries of a pending case before it waits for a person's Retry
+
+
+def resumable(db: Session, limit: int) -> list[Case]:
+    """Pending cases the resumer may try again: with an image, fewer than MAX_ATTEMPTS tries, oldest first.
+    A case left pending without a reason (the app was killed mid-analysis) is marked ``interrupted``."""
+    rows = db.scalars(select(Case).where(Case.status == "pending", Case.image_path != "",
+                                         func.coalesce(Case.attempts, 0) < MAX_ATTEMPTS)
+                      .order_by(Case.id).limit(limit)).all()
+    for c in rows:
+        if not c.refusal_code:
+            c.refusal_code, c.refusal_message = "interrupted", Refusal("interrupted").message
+    db.commit()
+    return rows
+
+
+async def resume_pending(SessionLocal, settings: Settings, router: ModelRouter, interval_s: float = 5.0,
+                         batch: int = 8) -> None:
+    """Forever: when a model can take work, analyse waiting cases again (a model server that reconnects, a burst
+    that has passed, a restart after a crash). Bounded: MAX_ATTEMPTS per case, ``batch`` at a time."""
+    while True:
+        await asyncio.sleep(interval_s)
+        if not router.available or router.saturated:
+            continue
+        try:
+            with SessionLocal() as db:
+                cases = await run_in_threadpool(resumable, db, batch)
+                for case in cases:
+                    if router.saturated:
+                        break
+                    await classify_case(db, settings, router, case, None)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the next round tries again; never let the resumer die
+            log.exception("resuming pending cases failed")
 
 
 def _mark_pending(db: Session, case: Case, job_id: str, code: str) -> Case:
@@ -214,12 +307,19 @@ def apply_outcome(db: Session, settings: Settings, job: Job, outcome: Outcome) -
             hp = f"{job.case_id}-{job.id[:12]}.heatmap.png"  # a repeated answer rewrites the same file
             (settings.upload_dir / hp).write_bytes(outcome.heatmap_png)
             values["heatmap_path"] = hp
+    if "heatmap_path" not in values:
+        values["heatmap_path"] = None  # a refusal or an answer without one: no earlier heatmap stays on the case
+    previous = db.scalar(select(Case.heatmap_path).where(Case.id == job.case_id))
     written = db.execute(update(Case).where(Case.id == job.case_id, Case.job_id == job.id).values(**values)).rowcount == 1
+    # after the commit, the file no row names any more: a retry's replaced heatmap, or an answer nobody waits for
+    stale = (previous if written else values["heatmap_path"]) if previous != values["heatmap_path"] else None
     if written:
         db.add(AuditLog(user_id=job.user_id or None, action="classify", case_id=job.case_id,
                         detail={"status": values["status"], "label": values.get("label"), "model": values["model_name"],
                                 "version": values["model_version"], "served_by": outcome.served_by, "job": job.id}))
     db.commit()
+    if stale:
+        (settings.upload_dir / stale).unlink(missing_ok=True)
     return written
 
 
@@ -277,9 +377,7 @@ CSV_FIELDS = ["id", "patient_code", "created_at", "filename", "status", "needs_r
 
 
 def export_csv(cases) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
-    w.writeheader()
+    rows = []
     for c in cases:
         d = case_dict(c)
         probs = c.probabilities or {}
@@ -289,8 +387,8 @@ def export_csv(cases) -> str:
         d["needs_read"] = "" if c.triage_flag is None else ("yes" if c.triage_flag else "no")
         if d["review"]:
             d.update(reading=d["review"]["reading"], agrees=d["review"]["agrees"], reviewer=d["review"]["reviewer"])
-        w.writerow(d)
-    return buf.getvalue()
+        rows.append(d)
+    return to_csv(CSV_FIELDS, rows)
 
 
 def scrub_stored(db: Session, settings: Settings) -> dict:

@@ -50,7 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         app = create_app(settings)
         print(f"Chest X-ray screening at http://{args.host}:{args.port}  (data: {settings.data_dir})", flush=True)
         print(f"Model servers connect with: python -m uplink_server connect --url http://{args.host}:{args.port} --key {settings.uplink_key}", flush=True)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info", ws_max_size=128 * 1024 * 1024)
+        # X-Forwarded-For only from the reverse proxies named in CXR_TRUSTED_PROXIES: trusted from anyone (or from
+        # 127.0.0.1 by default, uvicorn's choice), a client on the same host could pose as any address and slip
+        # past the per-address sign-in lock
+        proxies = settings.trusted_proxies
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info", ws_max_size=128 * 1024 * 1024,
+                    proxy_headers=bool(proxies), forwarded_allow_ips=proxies or None)
         return 0
     from sqlalchemy import select
 
@@ -65,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
             counts = scrub_stored(db, settings)
         print(f"{counts['rewritten']} stored uploads de-identified again, {counts['deleted']} deleted (could not be de-identified)")
         return 0
+    # the first admin exists whatever command runs first (CXR_ADMIN_PASSWORD honoured here as at serve)
+    from .app import ensure_admin
+
+    generated = ensure_admin(session_factory(make_engine(settings.database_url)), settings)
+    if generated:
+        print(f"First admin account: {settings.admin_email} / password: {generated}  (change it, or set CXR_ADMIN_PASSWORD)", flush=True)
     password = args.password or getpass.getpass("password: ")
     if len(password) < 8:
         print("error: the password needs at least 8 characters", file=sys.stderr)

@@ -23,6 +23,7 @@ class Settings:
     model_path: str | None = None
     max_upload_mb: int = 64
     max_zip_files: int = 200
+    max_zip_total_mb: int = 1024  # everything one ZIP may unpack to
     uplink_timeout_s: float = 60.0
     secure_cookies: bool = False
     max_batch: int = 16  # dynamic batching of the in-process model
@@ -31,6 +32,10 @@ class Settings:
     node_name: str = ""
     clinic_name: str = ""  # printed on reports  # this web node's name: its result queue; stable across restarts
     batch_delay_ms: float = 5.0
+    max_queue: int = 48  # uploads waiting for a model at once; beyond: pending case + 503 Retry-After
+    queue_wait_s: float = 20.0  # longest wait for the in-process model before the same
+    resume_interval_s: float = 5.0  # how often pending cases are tried again when a model is free
+    trusted_proxies: str = ""  # comma-separated addresses whose X-Forwarded-For is believed (none by default)
 
     @property
     def upload_dir(self) -> Path:
@@ -63,11 +68,16 @@ class Settings:
             model_path=os.environ.get("CXR_MODEL") or None,
             secure_cookies=os.environ.get("CXR_SECURE_COOKIES", "0") in ("1", "true", "yes"),
             max_batch=int(os.environ.get("CXR_MAX_BATCH", "16")),
+            max_zip_total_mb=int(os.environ.get("CXR_MAX_ZIP_TOTAL_MB", "1024")),
             broker_url=os.environ.get("CXR_BROKER_URL") or None,
             broker_prefix=os.environ.get("CXR_BROKER_PREFIX", "cxr"),
             node_name=os.environ.get("CXR_NODE") or socket.gethostname(),
             clinic_name=os.environ.get("CXR_CLINIC_NAME", ""),
             batch_delay_ms=float(os.environ.get("CXR_BATCH_DELAY_MS", "5")),
+            trusted_proxies=os.environ.get("CXR_TRUSTED_PROXIES", ""),
+            max_queue=int(os.environ.get("CXR_MAX_QUEUE", "48")),
+            queue_wait_s=float(os.environ.get("CXR_QUEUE_WAIT_S", "20")),
+            resume_interval_s=float(os.environ.get("CXR_RESUME_INTERVAL_S", "5")),
         )
         for k, v in over.items():
             setattr(s, k, v)

@@ -78,6 +78,7 @@ class Case(Base):
     # triage (uplink_server.triage): the model's "needs a doctor's read" and the card threshold it used;
     # NULL for cases from before 2.0.0 (see ``triage_flag``)
     needs_read: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    attempts: Mapped[int | None] = mapped_column(Integer, nullable=True)  # model runs tried (resumer's bound)
     triage_threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
     creator: Mapped[User] = relationship()
 
@@ -155,6 +156,17 @@ class ApiToken(Base):
         return "active"
 
 
+class UserSession(Base):
+    """A browser's sign-in. The session cookie carries ``id`` (a hash of it is not needed: the cookie is signed and
+    the id alone grants nothing once revoked)."""
+
+    __tablename__ = "user_sessions"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+
+
 class AuditLog(Base):
     __tablename__ = "audit_log"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -183,7 +195,9 @@ class SignInFailures(Base):
 def make_engine(url: str):
     if not url.startswith("sqlite"):
         return create_engine(url, pool_pre_ping=True)
-    engine = create_engine(url, connect_args={"check_same_thread": False})
+    # connections are released while the model works (web_app.cases.classify_case); a burst still needs more than
+    # the default 5 + 10, and a wait beyond pool_timeout becomes a 503 (web_app.app), never a 500
+    engine = create_engine(url, connect_args={"check_same_thread": False}, pool_size=10, max_overflow=40, pool_timeout=10)
 
     @event.listens_for(engine, "connect")
     def _sqlite_pragmas(dbapi_conn, _record):

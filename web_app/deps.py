@@ -8,7 +8,7 @@ from fastapi import Depends, HTTPException, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from . import audit
+from . import audit, sessions
 from .db import ApiToken, User, utcnow
 from .i18n import LANGUAGES, negotiate, translate
 from .security import can, hash_token, new_csrf_token, same
@@ -39,9 +39,8 @@ def csrf_token(request: Request) -> str:
 def page_user(request: Request, db: Session = Depends(get_db)) -> User:
     from .app import LoginRequired
 
-    uid = request.session.get("user_id")
-    user = db.get(User, uid) if uid else None
-    if user is None or not user.active:
+    user = sessions.current_user(request.session, db)
+    if user is None:
         raise LoginRequired()
     return user
 
@@ -64,9 +63,8 @@ def api_user(request: Request, db: Session = Depends(get_db)) -> User:
         raise HTTPException(401, f"{message}; create a new one on the API tokens page" if tok else message,
                             headers={"WWW-Authenticate": "Bearer"})
     # a signed-in browser may call the API too, with the CSRF header for writes
-    uid = request.session.get("user_id")
-    user = db.get(User, uid) if uid else None
-    if user is not None and user.active:
+    user = sessions.current_user(request.session, db)
+    if user is not None:
         if request.method not in ("GET", "HEAD") and not same(request.headers.get("x-csrf-token"), request.session.get("csrf")):
             raise HTTPException(403, "missing or invalid X-CSRF-Token header")
         return user

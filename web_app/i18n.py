@@ -158,6 +158,8 @@ STRINGS: dict[str, dict[str, str]] = {
     "role_technician": {"en": "Technician", "es": "Tecnólogo"},
     "user_added": {"en": "User {email} added as {role}.", "es": "Usuario {email} agregado como {role}."},
     "user_updated": {"en": "User {email} updated.", "es": "Usuario {email} actualizado."},
+    "sessions_ended": {"en": "The new password ends their sign-ins elsewhere ({sessions}) and their API tokens ({tokens}).",
+                       "es": "La nueva contraseña cierra sus sesiones en otros lugares ({sessions}) y sus tokens de API ({tokens})."},
     "active": {"en": "Active", "es": "Activo"},
     "deactivate": {"en": "Deactivate", "es": "Desactivar"},
     "reactivate": {"en": "Reactivate", "es": "Reactivar"},
@@ -165,7 +167,10 @@ STRINGS: dict[str, dict[str, str]] = {
     "reset_password": {"en": "Set password", "es": "Cambiar contraseña"},
     "inactive": {"en": "inactive", "es": "inactivo"},
     "n_unsupported_type": {"en": "Upload JPEG, PNG or DICOM files, or a ZIP of them.", "es": "Suba archivos JPEG, PNG o DICOM, o un ZIP con ellos."},
+    "n_patient_code_too_long": {"en": "Use the clinic's short patient code (64 characters at most), never a name.",
+                                "es": "Use el código corto de paciente de la clínica (64 caracteres como máximo), nunca un nombre."},
     "n_zip_error": {"en": "Make the ZIP again, or upload the files one by one.", "es": "Haga el ZIP de nuevo, o suba los archivos uno por uno."},
+    "n_zip_bomb": {"en": "Upload the X-ray files themselves, or a ZIP of them.", "es": "Suba las radiografías mismas, o un ZIP con ellas."},
     "rotate": {"en": "Rotate 90° and analyze again", "es": "Girar 90° y analizar de nuevo"},
     # doctor review and site performance
     "doctor_review": {"en": "Doctor's reading", "es": "Lectura del médico"},
@@ -256,7 +261,11 @@ STRINGS: dict[str, dict[str, str]] = {
     "rv_note_too_long": {"en": "The note is too long (1000 characters at most).", "es": "La nota es demasiado larga (1000 caracteres como máximo)."},
     # refusals of the web app itself (the model server's are in uplink_server.messages)
     "r_unsupported_type": {"en": "Unsupported file type.", "es": "Tipo de archivo no soportado."},
+    "r_patient_code_too_long": {"en": "The patient code is longer than 64 characters.",
+                                "es": "El código de paciente tiene más de 64 caracteres."},
     "r_zip_error": {"en": "The ZIP file could not be read.", "es": "No se pudo leer el archivo ZIP."},
+    "r_zip_bomb": {"en": "The ZIP unpacks to far more than X-ray images would: refused before unpacking.",
+                   "es": "El ZIP se descomprime en mucho más de lo que ocuparían radiografías: rechazado antes de descomprimirlo."},
 }
 
 

@@ -31,6 +31,11 @@ class ConnectionLost(RuntimeError):
     pass
 
 
+class Saturated(RuntimeError):
+    """Every model is busy: more uploads wait for one than ``max_waiting``, or one waited past ``queue_wait_s``.
+    The case stays pending (code ``busy``) and resumes by itself; API clients get 503 with Retry-After."""
+
+
 @dataclass
 class Job:
     """One request to classify a stored case; its id makes the case write idempotent."""
@@ -90,8 +95,13 @@ class UplinkConnection:
 
 class ModelRouter:
     def __init__(self, local=None, timeout: float = 60.0, max_batch: int = DEFAULT_MAX_BATCH,
-                 max_delay_ms: float = DEFAULT_MAX_DELAY_MS):
+                 max_delay_ms: float = DEFAULT_MAX_DELAY_MS, max_waiting: int = 48, queue_wait_s: float = 20.0):
         self.max_batch, self.max_delay_ms = max_batch, max_delay_ms
+        # back-pressure: at most this many uploads wait for a model at once, each at most queue_wait_s; beyond
+        # that the upload is kept as a pending case and the client told to come back (never an unbounded queue)
+        self.max_waiting, self.queue_wait_s = max_waiting, queue_wait_s
+        self.waiting = 0
+        self.refused_busy = 0
         self.local = local  # uplink_server.model.Classifier or None; runs behind a DynamicBatcher
         self.uplinks: dict[str, UplinkConnection] = {}
         self.broker = None  # web_app.broker.BrokerClient when --broker is set
@@ -119,8 +129,17 @@ class ModelRouter:
         """Around the handling of an upload: the in-process batcher may wait for it."""
         return self.batcher.expecting() if self.batcher is not None else contextlib.nullcontext()
 
+    @property
+    def saturated(self) -> bool:
+        return self.waiting >= self.max_waiting
+
+    def load(self) -> dict:
+        return {"waiting": self.waiting, "max_waiting": self.max_waiting, "saturated": self.saturated,
+                "refused_busy": self.refused_busy}
+
     async def full_status(self) -> dict:
         out = self.status()
+        out["load"] = self.load()
         out["broker"] = None if self.broker is None else await self.broker.status()
         return out
 
@@ -157,8 +176,18 @@ class ModelRouter:
 
     async def predict(self, data: bytes, filename: str, job: Job | None = None, decoded=None) -> Outcome:
         """Free websocket model servers, then the broker's, then the in-process
-        model, then busy websocket servers. Raises ModelUnavailable, or
-        JobPending when a broker job outlives the timeout (it still completes)."""
+        model, then busy websocket servers. Raises ModelUnavailable, Saturated (too many waiting, or waited too
+        long for the in-process model), or JobPending when a broker job outlives the timeout (it still completes)."""
+        if self.saturated:
+            self.refused_busy += 1
+            raise Saturated(f"{self.waiting} uploads are waiting for a model")
+        self.waiting += 1
+        try:
+            return await self._predict(data, filename, job, decoded)
+        finally:
+            self.waiting -= 1
+
+    async def _predict(self, data: bytes, filename: str, job: Job | None, decoded) -> Outcome:
         free, busy = self._candidates()
         if (out := await self._try_uplinks(free, data, filename)) is not None:
             return out
@@ -178,7 +207,12 @@ class ModelRouter:
                     return Outcome(result, png, f"broker:{body.get('served_by', '')}")
                 log.warning("model server %s failed job %s: %s", body.get("served_by"), job.id, body["error"])
         if self.batcher is not None:
-            pred = await self.batcher.predict(data if decoded is None else decoded, filename)
+            try:
+                pred = await asyncio.wait_for(self.batcher.predict(data if decoded is None else decoded, filename),
+                                              self.queue_wait_s)
+            except asyncio.TimeoutError:
+                self.refused_busy += 1
+                raise Saturated(f"the in-process model did not answer within {self.queue_wait_s:.0f} s") from None
             return Outcome(pred.to_dict(), pred.heatmap_png, "local")
         if (out := await self._try_uplinks(busy, data, filename)) is not None:
             return out

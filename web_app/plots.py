@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import csv
 import io
 
 import matplotlib
@@ -61,18 +60,19 @@ def page_images(m: dict, t) -> dict:
 
 
 def performance_csv(perf: dict) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["model", "class", "n", "sensitivity", "sensitivity_ci_low", "sensitivity_ci_high", "specificity",
-                "specificity_ci_low", "specificity_ci_high", "cases", "reviewed", "agreement", "share_uncertain",
-                "share_refused", "ece", "drift_large"])
+    from .spreadsheet import to_csv
+
+    header = ["model", "class", "n", "sensitivity", "sensitivity_ci_low", "sensitivity_ci_high", "specificity",
+              "specificity_ci_low", "specificity_ci_high", "cases", "reviewed", "agreement", "share_uncertain",
+              "share_refused", "ece", "drift_large"]
+    rows = []
     for version, m in perf["by_model"].items():
         for cls, pc in m["per_class"].items():
             sc, pcs = pc["sensitivity_ci95"] or (None, None), pc["specificity_ci95"] or (None, None)
-            w.writerow([version, cls, pc["n"], pc["sensitivity"], *sc, pc["specificity"], *pcs, m["cases"], m["reviewed"],
-                        m["agreement"], m["share_uncertain"], m["share_refused"], m["reliability"]["ece"],
-                        " ".join(m["drift"].get("large", []))])
-    return buf.getvalue()
+            rows.append([version, cls, pc["n"], pc["sensitivity"], *sc, pc["specificity"], *pcs, m["cases"], m["reviewed"],
+                         m["agreement"], m["share_uncertain"], m["share_refused"], m["reliability"]["ece"],
+                         " ".join(m["drift"].get("large", []))])
+    return to_csv(header, rows)
 
 
 def performance_pdf(perf: dict, checks: dict, t, clinic: str = "") -> bytes:

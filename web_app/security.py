@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import secrets
@@ -25,7 +26,17 @@ def hash_password(password: str) -> str:
     return _hasher.hash(password)
 
 
-def verify_password(password: str, hashed: str) -> bool:
+@functools.lru_cache(maxsize=1)
+def _dummy_hash() -> str:
+    return _hasher.hash(secrets.token_urlsafe(16))
+
+
+def verify_password(password: str, hashed: str | None) -> bool:
+    """``hashed`` None (no such account) still costs one Argon2 verification, so that the answer's time does not
+    tell which e-mail addresses have accounts."""
+    if hashed is None:
+        verify_password(password, _dummy_hash())
+        return False
     try:
         return _hasher.verify(hashed, password)
     except (VerificationError, InvalidHashError):

@@ -26,7 +26,9 @@ from ..cases import (
     case_dict,
     classify_case,
     create_case,
+    check_patient_codes,
     expand_uploads,
+    is_zip,
     export_csv,
     read_upload,
 )
@@ -120,7 +122,11 @@ async def predict(request: Request, file: UploadFile = File(...), patient_code: 
         raise HTTPException(403, "not allowed to upload")
     settings = request.app.state.settings
     try:
-        items = expand_uploads([await read_upload(file, settings)], settings)
+        check_patient_codes(patient_code)
+        upload = await read_upload(file, settings)
+        if is_zip(upload):  # refused before anything is unpacked: one image per request here
+            raise UploadError("zip_error", "send one image per request (ZIP archives are for the upload page)", 400)
+        items = expand_uploads([upload], settings)
     except UploadError as exc:
         return JSONResponse({"detail": exc.message, "refusal": {"code": exc.code, "message": refusal_text(exc.code, lang_of(request), exc.message),
                                                                 "next_step": next_step(exc.code, lang_of(request))}},
@@ -140,9 +146,13 @@ async def predict(request: Request, file: UploadFile = File(...), patient_code: 
     if case.status == "pending" and case.refusal_code == "queued":
         body["detail"] = "queued for a model server: the result is written to the case when ready (GET /api/v1/cases/{id})"
         return JSONResponse(body, status_code=202)
+    if case.status == "pending" and case.refusal_code == "busy":
+        body["detail"] = ("every model is busy: the image is saved as a pending case and analysed automatically; "
+                          "GET /api/v1/cases/{id} later")
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "10"})
     if case.status == "pending":
         body["detail"] = "model unavailable: the image is saved as a pending case; retry later"
-        return JSONResponse(body, status_code=503)
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "30"})
     return body
 
 

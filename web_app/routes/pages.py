@@ -20,11 +20,12 @@ from starlette.concurrency import run_in_threadpool
 
 from uplink_server import NOTICE
 
-from .. import audit, throttle
+from .. import audit, sessions, throttle
 from ..cases import (
     UploadError,
     classify_case,
     create_case,
+    check_patient_codes,
     expand_uploads,
     export_csv,
     preview_path,
@@ -99,7 +100,7 @@ def login(request: Request, email: str = Form(...), password: str = Form(...), n
         resp = render(request, "login.html", next=next, error=translate("too_many_logins", lang_).format(seconds=wait), status=429)
         resp.headers["Retry-After"] = str(wait)
         return resp
-    if user is None or not user.active or not verify_password(password, user.password_hash):
+    if not verify_password(password, user.password_hash if user else None) or not user.active:
         wait = throttle.record_failure(db, email, address)
         # the typed name is kept only when it is an account: people type passwords into the wrong field
         audit.record(db, "login_failed", user, request, **({} if user else {"account": "unknown"}))
@@ -108,7 +109,7 @@ def login(request: Request, email: str = Form(...), password: str = Form(...), n
     throttle.record_success(db, email)
     lang = request.session.get("lang")
     request.session.clear()  # new session on sign-in (no fixation)
-    request.session.update({"user_id": user.id, "csrf": None, **({"lang": lang} if lang else {})})
+    request.session.update({"user_id": user.id, "sid": sessions.start(db, user), "csrf": None, **({"lang": lang} if lang else {})})
     csrf_token(request)
     audit.record(db, "login", user, request)
     return RedirectResponse(next if next.startswith("/") and not next.startswith("//") else "/", status_code=303)
@@ -120,6 +121,7 @@ def logout(request: Request, csrf_token_: str = Form("", alias="csrf_token"), db
     uid = request.session.get("user_id")
     if uid and (u := db.get(User, uid)) is not None:
         audit.record(db, "logout", u, request)
+    sessions.end(db, request.session.get("sid"))  # a copy of this cookie stops working too
     lang = request.session.get("lang")
     request.session.clear()
     if lang:
@@ -146,8 +148,9 @@ async def upload(request: Request, files: list[UploadFile] = File(default=[]), p
     check_csrf(request, csrf_token_)
     settings = request.app.state.settings
     try:
+        check_patient_codes(patient_code, *codes)
         uploads = [await read_upload(f, settings) for f in files if f.filename]
-        items = expand_uploads(uploads, settings)
+        items = await run_in_threadpool(expand_uploads, uploads, settings)  # unpacking never blocks other users
     except UploadError as exc:
         lang = lang_of(request)
         msg = translate("no_file", lang) if exc.code == "no_file" else refusal_text(exc.code, lang, exc.message) + f" ({exc.message})"
@@ -450,7 +453,7 @@ def admin_site(request: Request, technicians_review: str = Form(""), csrf_token_
 
 
 @router.get("/admin")
-async def admin(request: Request, added: str = "", updated: str = "", user: User = Depends(page_user),
+async def admin(request: Request, added: str = "", updated: str = "", ended: str = "", user: User = Depends(page_user),
                 db: Session = Depends(get_db)):
     if not can(user.role, "admin"):
         raise HTTPException(403)
@@ -460,6 +463,9 @@ async def admin(request: Request, added: str = "", updated: str = "", user: User
         message = translate("user_added", lang).format(email=u.email, role=translate("role_" + u.role, lang))
     elif updated:
         message = translate("user_updated", lang).format(email=updated)
+        if ended.count(",") == 1 and ended.replace(",", "").isdigit():
+            n_sessions, n_tokens = ended.split(",")
+            message += " " + translate("sessions_ended", lang).format(sessions=n_sessions, tokens=n_tokens)
     return render(request, "admin.html", user, users=db.scalars(select(User).order_by(User.id)).all(),
                   roles=tuple(reversed(ROLES)), message=message, technicians_review=site_flag(db, TECHNICIANS_REVIEW),
                   servers=await request.app.state.router.full_status(), uplink_key=request.app.state.settings.uplink_key,
@@ -510,8 +516,14 @@ def set_password(user_id: int, request: Request, password: str = Form(...), csrf
     if len(password) < 8:
         raise HTTPException(400, "the password needs at least 8 characters")
     target.password_hash = hash_password(password)
-    audit.record(db, "user_updated", user, request, email=target.email, password="reset")
-    return RedirectResponse(f"/admin?updated={target.email}", status_code=303)
+    db.commit()
+    # whoever knew the old password may hold a session or a token: all of them end (the admin's own included,
+    # when resetting their own password, except this browser's)
+    ended = sessions.end_all(db, target.id)
+    if target.id == user.id:
+        request.session["sid"] = sessions.start(db, user)
+    audit.record(db, "user_updated", user, request, email=target.email, password="reset", **{f"ended_{k}": v for k, v in ended.items()})
+    return RedirectResponse(f"/admin?updated={target.email}&ended={ended['sessions']},{ended['tokens']}", status_code=303)
 
 
 def _audit_query(action: str, email: str, date_from: str, date_to: str):

@@ -1,0 +1,100 @@
+"""The busy morning: a burst of concurrent uploads against a started server gets answers or a clear 503 with
+Retry-After, never a 500; every accepted upload ends as a case; pending cases resume by themselves when a model
+can take them (a burst that passed, a model server that connects), and each records why it waits."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from .webapp_helpers import _run_client_in_thread, live_app, new_token, sign_in, wait_until
+
+
+def _burst(base: str, token: str, image: bytes, n: int) -> list[httpx.Response]:
+    def one(i):
+        return httpx.post(f"{base}/api/v1/predict", files={"file": (f"f{i}.jpeg", image, "image/jpeg")},
+                          data={"patient_code": f"B-{i}"}, headers={"Authorization": f"Bearer {token}"}, timeout=120)
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def _cases(base, token):
+    return httpx.get(f"{base}/api/v1/cases", params={"limit": 1000}, headers={"Authorization": f"Bearer {token}"}).json()
+
+
+def test_sixty_concurrent_uploads_get_answers_or_503_never_500(tmp_path, classifier, one_xray):
+    with live_app(tmp_path / "data", classifier=classifier) as (app, base):
+        c, csrf = sign_in(base)
+        tok = new_token(c, csrf)
+        responses = _burst(base, tok, one_xray.read_bytes(), 60)
+        codes = [r.status_code for r in responses]
+        assert set(codes) <= {200, 503}, codes
+        for r in responses:
+            if r.status_code == 503:
+                assert int(r.headers["retry-after"]) > 0 and r.json()["status"] == "pending"
+        cases = _cases(base, tok)
+        assert len(cases) == 60  # every upload is a case: none lost, none twice
+        assert {x["patient_code"] for x in cases} == {f"B-{i}" for i in range(60)}
+        assert all(x["status"] in ("done", "pending") for x in cases)
+        assert httpx.get(f"{base}/healthz").json()["ok"]
+
+
+def test_saturated_uploads_wait_as_pending_and_resume_by_themselves(tmp_path, classifier, one_xray):
+    with live_app(tmp_path / "data", classifier=classifier, max_queue=1, resume_interval_s=0.3) as (app, base):
+        c, csrf = sign_in(base)
+        tok = new_token(c, csrf)
+        responses = _burst(base, tok, one_xray.read_bytes(), 12)
+        busy = [r for r in responses if r.status_code == 503]
+        assert busy, [r.status_code for r in responses]  # one may wait at a time: the rest are turned away
+        for r in busy:
+            body = r.json()
+            assert body["refusal"]["code"] == "busy" and "automatically" in body["detail"]
+            assert r.headers["retry-after"] == "10"
+        assert app.state.router.load()["refused_busy"] >= len(busy)
+        # the resumer analyses them as the model frees up
+        assert wait_until(lambda: all(x["status"] == "done" for x in _cases(base, tok)), 120)
+        page = c.get(f"/cases/{busy[0].json()['case_id']}")
+        assert 'data-testid="triage"' in page.text or 'data-testid="outcome"' in page.text
+
+
+def test_pending_cases_resume_when_a_model_server_connects(tmp_path, tiny_model, one_xray):
+    from uplink_server.model import Classifier
+    from uplink_server.uplink import UplinkClient
+
+    with live_app(tmp_path / "data", classifier=None, resume_interval_s=0.3) as (app, base):
+        c, csrf = sign_in(base)
+        tok = new_token(c, csrf)
+        r = _burst(base, tok, one_xray.read_bytes(), 3)
+        assert {x.status_code for x in r} == {503}
+        waiting = _cases(base, tok)
+        assert all(x["status"] == "pending" and x["refusal"]["code"] == "model_unavailable" for x in waiting)
+        page = c.get(f"/cases/{waiting[0]['id']}").text
+        assert "No model is available" in page
+        client = UplinkClient(base, app.state.settings.uplink_key, Classifier(tiny_model), name="late-gpu")
+        _run_client_in_thread(client)
+        try:
+            assert wait_until(lambda: all(x["status"] == "done" for x in _cases(base, tok)), 60)
+            assert {x["served_by"] for x in _cases(base, tok)} == {"uplink:late-gpu"}
+        finally:
+            client.stop()
+
+
+def test_a_case_left_pending_by_a_crash_says_why_and_resumes(tmp_path, classifier, one_xray):
+    """A case the app was analysing when it was killed stays pending with no reason; the next start marks it
+    interrupted and analyses it."""
+    data = tmp_path / "data"
+    with live_app(data, classifier=None, resume_interval_s=3600) as (app, base):
+        c, csrf = sign_in(base)
+        tok = new_token(c, csrf)
+        case_id = _burst(base, tok, one_xray.read_bytes(), 1)[0].json()["case_id"]
+        from web_app.db import Case
+
+        with app.state.SessionLocal() as db:  # as a kill -9 mid-analysis leaves it
+            case = db.get(Case, case_id)
+            case.refusal_code, case.refusal_message = None, None
+            db.commit()
+    with live_app(data, classifier=classifier, resume_interval_s=0.3) as (app, base):
+        c, _ = sign_in(base)
+        assert wait_until(lambda: c.get(f"/api/v1/cases/{case_id}", headers={"X-CSRF-Token": ""}).json()["status"] == "done", 60)
