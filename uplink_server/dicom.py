@@ -15,6 +15,8 @@ from .errors import Refusal
 # Modalities that are cross-sectional or otherwise never a chest radiograph.
 NON_RADIOGRAPH_MODALITIES = {"CT", "MR", "US", "NM", "PT", "OT_VIDEO", "XA", "MG", "IVUS", "OCT", "OP", "SM", "ECG"}
 LATERAL_VIEWS = {"LL", "RL", "LATERAL", "LAT", "LLD", "RLD"}
+# BodyPartExamined values of a chest film (PS3.16 CID 4031 and what X-ray units write); empty is accepted
+CHEST_BODY_PARTS = {"CHEST", "THORAX", "LUNG", "CHEST_TO_PELVIS", "CHESTABDOMEN", "CHEST ABDOMEN", "BREAST_CHEST", "TORSO"}
 # Attributes of which at least one is in any DICOM object worth reading: a file
 # that pydicom parses "by force" without any of them is not DICOM.
 _ANCHORS = ("SOPClassUID", "SOPInstanceUID", "Modality", "PixelData", "Rows", "StudyInstanceUID")
@@ -106,6 +108,8 @@ def read_dicom(data: bytes | None = None, ds=None) -> tuple[np.ndarray, dict]:
         raise Refusal("not_xray_modality", f"DICOM modality {meta['modality']} is not a radiograph.")
     if meta["view_position"] in LATERAL_VIEWS:
         raise Refusal("lateral_view")
+    if meta["body_part"] and meta["body_part"] not in CHEST_BODY_PARTS:
+        raise Refusal("not_chest", f"The DICOM says the body part is {meta['body_part']}, not the chest.")
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if "PixelData" not in ds:

@@ -21,6 +21,7 @@ REFUSAL_CODES: dict[str, str] = {
     "unsupported_dicom": "The DICOM file has no pixel data this server can decode.",
     "not_xray_modality": "The DICOM file is not a radiograph (for example a CT or MR slice).",
     "lateral_view": "The image is a lateral view; a frontal (PA/AP) chest X-ray is required.",
+    "not_chest": "The DICOM file is of another body part, not the chest.",
     "blank_image": "The image is blank or nearly uniform.",
     "color_photo": "The image is a colour photograph, not an X-ray.",
     "not_chest_xray": "The image does not look like a frontal chest X-ray.",

@@ -104,7 +104,16 @@ def create_app(settings: Settings | None = None, classifier="auto") -> FastAPI:
 
         task = asyncio.create_task(connect_broker(router, settings, SessionLocal)) if settings.broker_url else None
         resumer = asyncio.create_task(resume_pending(SessionLocal, settings, router, settings.resume_interval_s))
+        node = None
+        if settings.dicom_port:
+            from .dicom_node import DicomNode
+
+            node = DicomNode(settings, SessionLocal, router, asyncio.get_running_loop())
+            node.start()
+        app.state.dicom_node = node
         yield
+        if node is not None:
+            node.stop()
         resumer.cancel()
         if task is not None:
             task.cancel()
@@ -120,6 +129,7 @@ def create_app(settings: Settings | None = None, classifier="auto") -> FastAPI:
     app.state.SessionLocal = SessionLocal
     app.state.router = router
     app.state.generated_admin_password = generated
+    app.state.dicom_node = None
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     app.state.templates = templates
     app.add_middleware(SessionMiddleware, secret_key=settings.secret_key, same_site="lax",

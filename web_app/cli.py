@@ -19,6 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-batch", type=int, default=None, help="largest batch the in-process model runs (default 16)")
     s.add_argument("--batch-delay-ms", type=float, default=None,
                    help="how long a batch waits for requests still being prepared (default 5 ms; 0: never wait)")
+    s.add_argument("--dicom-port", type=int, default=None,
+                   help="also run a DICOM node (Storage SCP) on this port: the X-ray unit or PACS sends studies here")
+    s.add_argument("--dicom-ae-title", default=None, help="the node's AE title (default CXRSCREEN)")
+    s.add_argument("--dicom-allowed", default=None, help="calling AE titles allowed to send: AET or AET@host, comma-separated")
+    s.add_argument("--dicom-destination", default=None, help="where results go back: AET@host:port (the PACS)")
     u = sub.add_parser("create-user", help="add a user")
     u.add_argument("email")
     u.add_argument("--role", choices=["admin", "doctor", "technician"], default="technician")
@@ -41,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
             over["max_batch"] = args.max_batch
         if args.batch_delay_ms is not None:
             over["batch_delay_ms"] = args.batch_delay_ms
+        for key in ("dicom_port", "dicom_ae_title", "dicom_allowed", "dicom_destination"):
+            if getattr(args, key) is not None:
+                over[key] = getattr(args, key)
     settings = Settings.from_env(args.data_dir, **over)
     if args.cmd == "serve":
         import uvicorn

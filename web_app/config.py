@@ -35,6 +35,13 @@ class Settings:
     max_queue: int = 48  # uploads waiting for a model at once; beyond: pending case + 503 Retry-After
     queue_wait_s: float = 20.0  # longest wait for the in-process model before the same
     resume_interval_s: float = 5.0  # how often pending cases are tried again when a model is free
+    # the DICOM node (web_app.dicom_node): off unless a port is set
+    dicom_port: int = 0
+    dicom_ae_title: str = "CXRSCREEN"
+    dicom_allowed: str = ""  # calling AE titles allowed to send, "AET" or "AET@host", comma-separated
+    dicom_destination: str = ""  # where results go: "AET@host:port" (the PACS)
+    dicom_send_attempts: int = 5
+    dicom_retry_s: float = 2.0  # first wait between sends; doubles each try
     trusted_proxies: str = ""  # comma-separated addresses whose X-Forwarded-For is believed (none by default)
 
     @property
@@ -75,6 +82,12 @@ class Settings:
             clinic_name=os.environ.get("CXR_CLINIC_NAME", ""),
             batch_delay_ms=float(os.environ.get("CXR_BATCH_DELAY_MS", "5")),
             trusted_proxies=os.environ.get("CXR_TRUSTED_PROXIES", ""),
+            dicom_port=int(os.environ.get("CXR_DICOM_PORT", "0")),
+            dicom_ae_title=os.environ.get("CXR_DICOM_AE_TITLE", "CXRSCREEN"),
+            dicom_allowed=os.environ.get("CXR_DICOM_ALLOWED", ""),
+            dicom_destination=os.environ.get("CXR_DICOM_DESTINATION", ""),
+            dicom_send_attempts=int(os.environ.get("CXR_DICOM_SEND_ATTEMPTS", "5")),
+            dicom_retry_s=float(os.environ.get("CXR_DICOM_RETRY_S", "2")),
             max_queue=int(os.environ.get("CXR_MAX_QUEUE", "48")),
             queue_wait_s=float(os.environ.get("CXR_QUEUE_WAIT_S", "20")),
             resume_interval_s=float(os.environ.get("CXR_RESUME_INTERVAL_S", "5")),

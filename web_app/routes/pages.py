@@ -469,6 +469,7 @@ async def admin(request: Request, added: str = "", updated: str = "", ended: str
     return render(request, "admin.html", user, users=db.scalars(select(User).order_by(User.id)).all(),
                   roles=tuple(reversed(ROLES)), message=message, technicians_review=site_flag(db, TECHNICIANS_REVIEW),
                   servers=await request.app.state.router.full_status(), uplink_key=request.app.state.settings.uplink_key,
+                  dicom=request.app.state.dicom_node.status() if request.app.state.dicom_node else None,
                   base_url=str(request.base_url).rstrip("/"))
 
 
