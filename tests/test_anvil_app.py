@@ -219,7 +219,9 @@ def test_several_files_one_after_another_in_english_then_spanish(app, classifier
     form.prev_button_click()
     form.prev_button_click()
     assert form.file_label.text == "File 1 of 3"
-    assert re.fullmatch(r"(Normal|Pneumonia|COVID-19) (> 99%|< 1%|\d+%)", form.result_label.text)
+    # triage first (the model's own threshold, or its most probable class), then the finding
+    assert re.fullmatch(r"(Needs a doctor's read|No abnormality found by the model)\. Finding: "
+                        r"(Normal|Pneumonia|COVID-19|Tuberculosis) (> 99%|< 1%|\d+%)", form.result_label.text)
     assert form.model_label.text == f"Model {classifier.name} {classifier.version}"
     assert form.heatmap_check.visible and form.heatmap_image.visible and form.heatmap_image.source is not None
     assert form.heatmap_caption.visible and not form.xray_image.visible

@@ -72,6 +72,7 @@ STRINGS: dict[str, dict[str, str]] = {
     "needs_read_short": {"en": "Needs read", "es": "Leer"},
     "no_abnormality_short": {"en": "No finding", "es": "Sin hallazgo"},
     "finding": {"en": "Finding", "es": "Hallazgo"},
+    "triage": {"en": "Triage", "es": "Triaje"},
     "triage_from_card": {"en": "Probability of any abnormality {score}; films at or above {threshold} need a read (the model card's threshold, chosen on validation films for at least 95 % sensitivity).",
                          "es": "Probabilidad de cualquier anomalía {score}; las placas desde {threshold} necesitan lectura (umbral de la ficha del modelo, elegido en placas de validación para una sensibilidad de al menos 95 %)."},
     "triage_from_class": {"en": "From the most probable class: this model has no triage threshold.",
