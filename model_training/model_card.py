@@ -18,7 +18,7 @@ INTENDED_USE = (
 KNN_GATE_METHOD = (
     "k-nearest-neighbour distance (k=3) to 2000 training X-rays drawn over every source in the model's embedding and "
     "in a 16x16 thumbnail, each scaled by its 99th percentile on validation X-rays; threshold at the highest of the "
-    "99.5th percentiles of the summed score on validation X-rays, overall and per source (20 or more films)"
+    "99.5th percentile of the summed score on validation X-rays and each source's 99th percentile (20 or more films)"
 )
 KNOWN_LIMITS = [
     "Source and age confound the labels: every Kermany image is a child (Guangzhou), every COVID-19 and adult "

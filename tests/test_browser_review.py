@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+from model_training.labels import CLASSES
+
 from .test_browser_doctor import SIZES, _login, _upload
 from .test_recalibration import underconfident  # noqa: F401  (the fixture)
 from .webapp_helpers import live_app
@@ -32,7 +34,7 @@ def test_doctor_reviews_and_sees_the_site_numbers_change(browser, tmp_path, clas
         page.goto(case_url)
         ai = page.get_attribute("[data-testid=result]", "data-case-id")
         options = page.eval_on_selector_all("[data-testid=review-reading] option", "os => os.map(o => o.value).filter(Boolean)")
-        assert options == ["normal", "pneumonia", "covid19", "other", "not_assessable"]
+        assert options == [*CLASSES, "other", "not_assessable"]
         page.select_option("[data-testid=review-reading]", "other")
         page.check("[data-testid=review-disagree]")
         page.fill("[data-testid=review-note-input]", "nodule, right upper lobe")

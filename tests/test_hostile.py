@@ -271,3 +271,40 @@ def test_pages_pass_the_content_security_policy_in_chromium(site, browser, one_x
         page.goto(base + path)
     page.close()
     assert violations == []
+
+
+def test_forwarded_for_is_believed_only_from_configured_proxies(tmp_path, tiny_model):
+    """``python -m web_app serve`` as started by users: a same-host client's X-Forwarded-For does not change the
+    address the sign-in lock and the audit log see, unless CXR_TRUSTED_PROXIES names it."""
+    from .webapp_helpers import free_port
+
+    def failed_login_address(extra_env: dict) -> str:
+        port = free_port()
+        env = subprocess_env(CXR_ADMIN_PASSWORD=ADMIN[1], CXR_MODEL=str(tiny_model), **extra_env)
+        data = tmp_path / f"d{port}"
+        proc = subprocess.Popen([sys.executable, "-m", "web_app", "serve", "--port", str(port), "--data-dir", str(data)],
+                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            from .webapp_helpers import wait_until
+
+            def up():
+                try:
+                    return httpx.get(base + "/healthz", timeout=1).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            assert wait_until(up, 60)
+            c = httpx.Client(base_url=base, follow_redirects=True)
+            page = c.get("/login").text
+            c.post("/login", data={"email": ADMIN[0], "password": "wrong-password", "csrf_token": csrf_of(page)},
+                   headers={"X-Forwarded-For": "203.0.113.77"})
+            admin, _ = sign_in(base)
+            rows = list(csv.DictReader(io.StringIO(admin.get("/admin/audit.csv").text)))
+            return next(r["address"] for r in rows if r["action"] == "login_failed")
+        finally:
+            proc.terminate()
+            proc.wait(20)
+
+    assert failed_login_address({}) == "127.0.0.1"
+    assert failed_login_address({"CXR_TRUSTED_PROXIES": "127.0.0.1"}) == "203.0.113.77"

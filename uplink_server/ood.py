@@ -121,6 +121,9 @@ class XrayGate:
 
 
 MIN_GROUP = 20  # held-out X-rays a source needs before its own quantile may raise the threshold
+# a source's own quantile: lower than the pooled one, because a collection's few odd films (radiography/ holds
+# some) would otherwise lift the threshold over faces, text and other modalities
+GROUP_QUANTILE = 0.99
 
 
 def fit_gate(fit_emb, fit_thumbs, held_emb, held_thumbs, k: int = 3, quantile: float = 0.995,
@@ -128,8 +131,8 @@ def fit_gate(fit_emb, fit_thumbs, held_emb, held_thumbs, k: int = 3, quantile: f
     """Reference sets from training X-rays; scales and threshold from held-out X-rays.
 
     With ``held_groups`` (the source of each held-out X-ray) the threshold is the highest of the overall
-    quantile and each source's own: a source unlike the others (128 px films of one TB programme) would
-    otherwise have its films refused far more often than the overall rate says."""
+    ``quantile`` and each source's own ``GROUP_QUANTILE``: a source unlike the others (128 px films of one TB
+    programme) would otherwise have its films refused far more often than the overall rate says."""
     gate = XrayGate(_unit(fit_emb), _unit(fit_thumbs), k, 1.0, 1.0, np.inf)
     e = gate._knn(gate.emb_ref, _unit(held_emb))
     t = gate._knn(gate.thumb_ref, _unit(held_thumbs))
@@ -141,7 +144,7 @@ def fit_gate(fit_emb, fit_thumbs, held_emb, held_thumbs, k: int = 3, quantile: f
         groups = np.asarray(held_groups)
         for g in np.unique(groups):
             if (groups == g).sum() >= MIN_GROUP:
-                gate.threshold = max(gate.threshold, float(np.quantile(score[groups == g], quantile)))
+                gate.threshold = max(gate.threshold, float(np.quantile(score[groups == g], GROUP_QUANTILE)))
     return gate
 
 

@@ -63,27 +63,30 @@ def apply_to(probabilities: dict, cal: SiteCalibration | None) -> tuple[dict, bo
     return {k: float(v) for k, v in zip(names, p)}, bool(margin(p) < cal.margin_threshold)
 
 
-def _reviewed(db: Session, model: str) -> tuple[np.ndarray, np.ndarray]:
-    """Model probabilities (N, C) and the doctors' readings (N,) of this model's reviewed cases."""
+def _reviewed(db: Session, model: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Model probabilities (N, C) and the doctors' readings (N,) of this model's reviewed cases, over the model's own
+    classes C (a 3-class model's cases have no tuberculosis column: a TB reading cannot calibrate it)."""
     reviews = latest_reviews(db)
-    probs, labels = [], []
+    rows = []
     for case in db.scalars(select(Case).where(Case.status == "done", Case.id.in_(list(reviews)))):
-        reading = reviews[case.id].reading
-        if model_key(case.model_name, case.model_version) != model or reading not in CLASSES:
-            continue
-        p = case.model_probabilities or case.probabilities  # results from before site calibration: what the model said
-        probs.append([p.get(c, 0.0) for c in CLASSES])
-        labels.append(CLASSES.index(reading))
-    return np.array(probs, float).reshape(-1, len(CLASSES)), np.array(labels, int)
+        if model_key(case.model_name, case.model_version) == model:
+            # results from before site calibration: what the model said
+            rows.append((case.model_probabilities or case.probabilities, reviews[case.id].reading))
+    classes = [c for c in CLASSES if rows and c in rows[0][0]]
+    kept = [(p, r) for p, r in rows if r in classes]
+    probs = [[p.get(c, 0.0) for c in classes] for p, _ in kept]
+    labels = [classes.index(r) for _, r in kept]
+    return np.array(probs, float).reshape(-1, len(classes)), np.array(labels, int), classes
 
 
 def readiness(db: Session, model: str) -> dict:
     """Reviewed cases per class against the minimum (shown on the page)."""
-    return _readiness(_reviewed(db, model)[1])
+    _, y, classes = _reviewed(db, model)
+    return _readiness(y, classes or list(CLASSES))
 
 
-def _readiness(y: np.ndarray) -> dict:
-    counts = {c: int((y == i).sum()) for i, c in enumerate(CLASSES)}
+def _readiness(y: np.ndarray, classes: list[str]) -> dict:
+    counts = {c: int((y == i).sum()) for i, c in enumerate(classes)}
     enough = [c for c, n in counts.items() if n >= MIN_PER_CLASS]
     read = [c for c, n in counts.items() if n]
     ready = len(enough) >= 2 and set(read) <= set(enough)
@@ -101,8 +104,8 @@ def _measure(probs: np.ndarray, y: np.ndarray, threshold: float) -> dict:
 
 def preview(db: Session, model: str, current_threshold: float) -> dict:
     """Fit on half the reviewed cases, check on the other half; nothing is written."""
-    probs, y = _reviewed(db, model)
-    ready = _readiness(y)
+    probs, y, classes = _reviewed(db, model)
+    ready = _readiness(y, classes)
     if not ready["ready"]:
         raise CalibrationError("too_few", f"too few reviewed cases: {ready['counts']} (at least {MIN_PER_CLASS} of each "
                                           f"class read, and two classes)")
