@@ -162,3 +162,19 @@ def write_card(card: dict, path: Path) -> None:
     path.write_text(json.dumps(card, indent=2))
     md = path.with_suffix(".md") if path.name != "model_card.json" else path.parent / "model_card.md"
     md.write_text(card_markdown(card))
+
+
+def record_in_card(model_path: Path, key: str, value, section: str, body: str) -> Path:
+    """Put ``value`` under ``key`` in a model's card and ``body`` as its Markdown section (when the card has one)."""
+    from uplink_server.model import find_card
+
+    card_path = find_card(Path(model_path))
+    if card_path is None:
+        raise FileNotFoundError(f"no model card beside {model_path}")
+    card = json.loads(card_path.read_text())
+    card[key] = value
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    md = markdown_path(card_path)
+    if md.is_file():
+        replace_section(md, section, body)
+    return card_path

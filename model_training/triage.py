@@ -10,7 +10,6 @@ specificity at the threshold.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 
 from .labels import NORMAL
 from .metrics import bootstrap_auc_ci
-from .model_card import markdown_path, replace_section
+from .model_card import record_in_card
 
 TARGET_SENSITIVITY = 0.95
 MIN_ABNORMAL = 10  # fewer abnormal validation films in a source: too few to set a threshold by
@@ -96,8 +95,6 @@ def choose(model_path: Path, data: str | None, target: float, write_card: bool, 
            extra_tests: dict[str, str] | None = None) -> dict:
     """Fit the rule on the model's validation split, report it on its test split (held-out patients) and on
     ``extra_tests`` ({name: data spec}, e.g. Kermany's official test), and write both into the card."""
-    from uplink_server.model import find_card
-
     from .datasets import load_spec, splits_beside
     from .evaluate import predict_records, predict_validation
 
@@ -121,13 +118,7 @@ def choose(model_path: Path, data: str | None, target: float, write_card: bool, 
         rule["held_out"][name] = evaluate_triage(clf.probabilities(lg), y, clf.classes, [r.source for r in kept_t],
                                                  rule["threshold"])
     if write_card:
-        card_path = find_card(Path(model_path))
-        card = json.loads(card_path.read_text())
-        card["triage"] = rule
-        card_path.write_text(json.dumps(card, indent=2) + "\n")
-        md = markdown_path(card_path)
-        if md.is_file():
-            replace_section(md, "Triage", describe(rule))
+        record_in_card(Path(model_path), "triage", rule, "Triage", describe(rule))
     return rule
 
 

@@ -8,14 +8,13 @@ rates of both groups.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from uplink_server.uncertainty import margin
 
-from .model_card import markdown_path, replace_section
+from .model_card import record_in_card
 
 
 def fit_margin_rule(probs: np.ndarray, labels: np.ndarray, target_error: float = 0.02) -> dict:
@@ -50,21 +49,13 @@ def fit_margin_rule(probs: np.ndarray, labels: np.ndarray, target_error: float =
 
 
 def choose(model_path: Path, data: str | None, target_error: float, write_card: bool, progress: bool = True) -> dict:
-    from uplink_server.model import find_card
-
     from .evaluate import predict_validation
 
     clf, logits, kept = predict_validation(model_path, data, progress)
     labels = np.array([clf.classes.index(r.label) for r in kept])
     rule = fit_margin_rule(clf.probabilities(logits), labels, target_error)
     if write_card:
-        card_path = find_card(model_path)
-        card = json.loads(card_path.read_text())
-        card["uncertainty"] = rule
-        card_path.write_text(json.dumps(card, indent=2) + "\n")
-        md = markdown_path(card_path)
-        if md.is_file():
-            replace_section(md, "Uncertainty rule", describe(rule))
+        record_in_card(model_path, "uncertainty", rule, "Uncertainty rule", describe(rule))
     return rule
 
 

@@ -72,7 +72,7 @@ def _reviewed(db: Session, model: str) -> tuple[np.ndarray, np.ndarray, list[str
         if model_key(case.model_name, case.model_version) == model:
             # results from before site calibration: what the model said
             rows.append((case.model_probabilities or case.probabilities, reviews[case.id].reading))
-    classes = [c for c in CLASSES if rows and c in rows[0][0]]
+    classes = [c for c in CLASSES if c in rows[0][0]] if rows else list(CLASSES)
     kept = [(p, r) for p, r in rows if r in classes]
     probs = [[p.get(c, 0.0) for c in classes] for p, _ in kept]
     labels = [classes.index(r) for _, r in kept]
@@ -82,7 +82,7 @@ def _reviewed(db: Session, model: str) -> tuple[np.ndarray, np.ndarray, list[str
 def readiness(db: Session, model: str) -> dict:
     """Reviewed cases per class against the minimum (shown on the page)."""
     _, y, classes = _reviewed(db, model)
-    return _readiness(y, classes or list(CLASSES))
+    return _readiness(y, classes)
 
 
 def _readiness(y: np.ndarray, classes: list[str]) -> dict:
