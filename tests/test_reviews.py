@@ -58,7 +58,7 @@ def test_review_is_recorded_kept_as_history_and_shown(site):
 
 def test_bad_reviews_are_refused_with_a_reason_and_change_nothing(site):
     app, base, c, csrf, auth, ids, refused = site
-    r = _review(c, auth, ids[1], "tuberculosis")
+    r = _review(c, auth, ids[1], "effusion")
     assert r.status_code == 422 and "unknown reading" in r.json()["detail"]
     r = _review(c, auth, refused, "normal")
     assert r.status_code == 422 and "no AI result" in r.json()["detail"]
@@ -68,7 +68,7 @@ def test_bad_reviews_are_refused_with_a_reason_and_change_nothing(site):
     assert c.get(f"/api/v1/cases/{ids[1]}/reviews", headers=auth).json() == []
     assert c.get(f"/api/v1/cases/{refused}/reviews", headers=auth).json() == []
     # the page shows the reason in the chosen language and writes nothing
-    r = c.post(f"/cases/{ids[1]}/review", data={"csrf_token": csrf, "reading": "tuberculosis"}, headers={"Accept-Language": "es"})
+    r = c.post(f"/cases/{ids[1]}/review", data={"csrf_token": csrf, "reading": "effusion"}, headers={"Accept-Language": "es"})
     assert r.status_code == 422 and "Elija una lectura" in r.text
     assert c.get(f"/api/v1/cases/{ids[1]}/reviews", headers=auth).json() == []
 

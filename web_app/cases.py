@@ -62,6 +62,19 @@ def is_zip(up: Upload) -> bool:
     return up.data[:4] == b"PK\x03\x04" or Path(up.filename).suffix.lower() == ".zip"
 
 
+def office_document(up: Upload) -> bool:
+    """A .docx, .xlsx or .odt: a ZIP by content, told apart by its directory alone (nothing is unpacked)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(up.data)) as zf:
+            names = set(zf.namelist())
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError):
+        return False
+    return "[Content_Types].xml" in names or "mimetype" in names
+
+
+OFFICE_DOCUMENT = "an office document, not an image or a ZIP of images"
+
+
 # A ZIP bomb (a few MB of zeros that unpack to gigabytes) is refused from its directory before anything is
 # unpacked, and the unpacking itself counts what it really reads: the directory's sizes can lie.
 MAX_ZIP_RATIO = 200  # uncompressed / compressed per member; X-ray JPEGs, PNGs and DICOMs are far below
@@ -95,7 +108,7 @@ def expand_uploads(uploads: list[Upload], settings: Settings) -> list[Upload]:
             with zipfile.ZipFile(io.BytesIO(up.data)) as zf:
                 names = set(zf.namelist())
                 if "[Content_Types].xml" in names or "mimetype" in names:
-                    raise UploadError("unsupported_type", f"{up.filename}: an office document, not an image or a ZIP of images", 415)
+                    raise UploadError("unsupported_type", f"{up.filename}: {OFFICE_DOCUMENT}", 415)
                 members = [m for m in zf.infolist() if not m.is_dir() and not m.filename.startswith("__MACOSX")
                            and not Path(m.filename).name.startswith(".")]
                 if len(members) > settings.max_zip_files:

@@ -21,15 +21,17 @@ from uplink_server import NOTICE
 
 from .. import audit
 from ..cases import (
+    OFFICE_DOCUMENT,
     REFUSAL_STATUS,
     UploadError,
     case_dict,
+    check_patient_codes,
     classify_case,
     create_case,
-    check_patient_codes,
     expand_uploads,
-    is_zip,
     export_csv,
+    is_zip,
+    office_document,
     read_upload,
 )
 from ..db import User
@@ -125,6 +127,8 @@ async def predict(request: Request, file: UploadFile = File(...), patient_code: 
         check_patient_codes(patient_code)
         upload = await read_upload(file, settings)
         if is_zip(upload):  # refused before anything is unpacked: one image per request here
+            if office_document(upload):
+                raise UploadError("unsupported_type", f"{upload.filename}: {OFFICE_DOCUMENT}", 415)
             raise UploadError("zip_error", "send one image per request (ZIP archives are for the upload page)", 400)
         items = expand_uploads([upload], settings)
     except UploadError as exc:
