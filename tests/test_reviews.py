@@ -62,6 +62,15 @@ def test_bad_reviews_are_refused_with_a_reason_and_change_nothing(site):
     assert r.status_code == 422 and "unknown reading" in r.json()["detail"]
     r = _review(c, auth, refused, "normal")
     assert r.status_code == 422 and "no AI result" in r.json()["detail"]
+    # a review cannot contradict itself: agreement is what the reading says, or nothing is written
+    ai = c.get(f"/api/v1/cases/{ids[1]}", headers=auth).json()["label"]
+    other = next(x for x in CLASSES if x != ai)
+    r = _review(c, auth, ids[1], other, agrees=True)
+    assert r.status_code == 422 and "cannot be stored as agreement" in r.json()["detail"]
+    r = _review(c, auth, ids[1], ai, agrees=False)
+    assert r.status_code == 422 and "cannot be stored as disagreement" in r.json()["detail"]
+    r = c.post(f"/cases/{ids[1]}/review", data={"csrf_token": csrf, "reading": other, "agrees": "yes"})
+    assert r.status_code == 422 and "contradict each other" in r.text
     r = _review(c, auth, ids[1], "normal", note="x" * 1001)
     assert r.status_code == 422
     assert _review(c, auth, 99999, "normal").status_code == 404

@@ -270,6 +270,8 @@ STRINGS: dict[str, dict[str, str]] = {
     "audit_site_setting": {"en": "site setting changed", "es": "ajuste del centro cambiado"},
     "rv_forbidden": {"en": "Your role may not review cases (an admin can allow technicians).", "es": "Su rol no puede revisar casos (un administrador puede permitirlo a los técnicos)."},
     "rv_unknown_reading": {"en": "Choose a reading from the list.", "es": "Elija una lectura de la lista."},
+    "rv_contradiction": {"en": "Your reading and the agree/disagree choice contradict each other: a reading other than the AI's result is a disagreement. Nothing was saved.",
+                         "es": "Su lectura y la elección de acuerdo/desacuerdo se contradicen: una lectura distinta del resultado de la IA es un desacuerdo. No se guardó nada."},
     "rv_no_result": {"en": "This study has no AI result to review (refused or pending): arrange a retake or analyze it again first.",
                      "es": "Este estudio no tiene resultado de IA que revisar (rechazado o pendiente): repita la toma o analícelo de nuevo primero."},
     "rv_note_too_long": {"en": "The note is too long (1000 characters at most).", "es": "La nota es demasiado larga (1000 caracteres como máximo)."},

@@ -73,8 +73,13 @@ def add_review(db: Session, case: Case, user: User, reading: str, agrees: bool |
     note = (note or "").strip()
     if len(note) > NOTE_MAX:
         raise ReviewError("note_too_long", f"the note is longer than {NOTE_MAX} characters")
+    same = reading == case.label
     if agrees is None:  # not said: the reading says it
-        agrees = reading == case.label
+        agrees = same
+    elif bool(agrees) != same:  # agreement is data the performance page and recalibration rely on
+        raise ReviewError("contradiction", f"the reading {reading!r} {'is' if same else 'is not'} the AI's result "
+                                           f"({case.label!r}), so it cannot be stored as {'dis' if agrees is False else ''}agreement: "
+                                           "leave agreement out and it follows from the reading")
     review = Review(case_id=case.id, reviewer_id=user.id, reading=reading, agrees=bool(agrees), note=note)
     db.add(review)
     db.commit()
