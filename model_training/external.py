@@ -124,12 +124,7 @@ def triage_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str], thresho
     y = np.asarray(y)
     abnormal = y != classes.index(NORMAL)
     scores = triage_scores(probs, classes)
-    out = operating_point(scores, abnormal, threshold) if threshold is not None else {
-        "n": int(len(y)), "abnormal": int(abnormal.sum()), "normal": int((~abnormal).sum())}
-    if threshold is None and abnormal.any() and (~abnormal).any():
-        from sklearn.metrics import roc_auc_score
-
-        out.update(roc_auc=float(roc_auc_score(abnormal, scores)), roc_auc_ci95=bootstrap_auc_ci(abnormal, scores))
+    out = operating_point(scores, abnormal, threshold)
     said = probs.argmax(1) != classes.index(NORMAL)
     out["threshold"] = threshold
     out["sensitivity_argmax"] = float(said[abnormal].mean()) if abnormal.any() else None
@@ -147,7 +142,7 @@ def heldout_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str], triage
         "auc": {c: v["roc_auc"] for c, v in m["per_class"].items() if v["roc_auc"] is not None},
     }
     tri = triage_metrics(y, probs, classes, triage_threshold)
-    if tri.get("roc_auc") is not None or tri.get("sensitivity") is not None:
+    if tri.get("roc_auc") is not None:
         out["triage"] = tri
     if POSITIVE in classes:
         k = classes.index(POSITIVE)
@@ -217,10 +212,7 @@ def in_source_by_source(te: list[Record], probs: np.ndarray, classes: list[str],
     out = {}
     for src in sorted({r.source for r in te}):
         ii = np.array([r.source == src for r in te])
-        m = {"triage": triage_metrics(y[ii], probs[ii], classes)}
-        if threshold is not None:
-            at = triage_metrics(y[ii], probs[ii], classes, threshold)
-            m["triage"].update(sensitivity=at.get("sensitivity"), specificity=at.get("specificity"), threshold=threshold)
+        m = {"triage": triage_metrics(y[ii], probs[ii], classes, threshold)}
         if "tuberculosis" in classes:
             k = classes.index("tuberculosis")
             pos = y[ii] == k
@@ -281,10 +273,8 @@ def screen(records: list[Record], out: Path, variants: list[str], recipes: list[
             res = {"variant": variant, "recipe": recipe, "preprocessing": spec.to_dict(), "folds": {}}
             for fold, (tr, va, te) in splits.items():
                 head, t, probs, thr = _fit_predict(recipe, feats, classes, tr, va, te, seed)
-                m = heldout_metrics(_labels(te, classes), probs, classes)
-                if "triage" in m and thr is not None:  # does the threshold set at home hold in the new hospital?
-                    at = triage_metrics(_labels(te, classes), probs, classes, thr)
-                    m["triage"].update(threshold=thr, sensitivity=at.get("sensitivity"), specificity=at.get("specificity"))
+                # with the threshold set at home: does it hold in the new hospital?
+                m = heldout_metrics(_labels(te, classes), probs, classes, thr)
                 m["temperature"] = t
                 if fold_masks[fold]:
                     paths = [mk.image for mk in fold_masks[fold]]
@@ -382,11 +372,7 @@ def full(records: list[Record], cfg, out: Path, only: list[str] | None = None, p
         vlogits, _, _, vkept, _ = predict_records(clf, va, progress=progress)
         thr = triage_threshold_on(_labels(vkept, clf.classes), clf.probabilities(vlogits), clf.classes)
         y, probs = _labels(kept, clf.classes), clf.probabilities(logits)
-        m = heldout_metrics(y, probs, clf.classes)
-        if "triage" in m and thr is not None:
-            at = triage_metrics(y, probs, clf.classes, thr)
-            m["triage"].update(threshold=thr, sensitivity=at.get("sensitivity"), specificity=at.get("specificity"))
-        report["results"]["full"]["folds"][fold] = m
+        report["results"]["full"]["folds"][fold] = heldout_metrics(y, probs, clf.classes, thr)
         write_report(report, out)  # each fold as it ends: a fold is an hour on a CPU
     report["results"]["full"]["worst_covid19"] = worst_covid(report["results"]["full"]["folds"])
     report["results"]["full"]["worst_triage"] = worst_triage(report["results"]["full"]["folds"])
@@ -426,10 +412,7 @@ def served(model_path: Path, records: list[Record], out: Path, progress: bool = 
         # triage counts every film: one of a class the model does not know (TB for a 3-class model) is abnormal
         # all the same, and calling it normal is the miss a clinic cares about
         y_tri = np.array([clf.classes.index(NORMAL) if r.label == NORMAL else -1 for r in kept])
-        m["triage"] = triage_metrics(y_tri, probs, clf.classes)
-        if thr is not None:
-            at = triage_metrics(y_tri, probs, clf.classes, thr)
-            m["triage"].update(threshold=thr, sensitivity=at.get("sensitivity"), specificity=at.get("specificity"))
+        m["triage"] = triage_metrics(y_tri, probs, clf.classes, thr)
         m["counts_all"] = dict(Counter(r.label for r in kept))
         res["folds"][src] = m
     res["worst_covid19"] = worst_covid(res["folds"])
@@ -463,7 +446,7 @@ def summary_row(res: dict) -> str:
 
 def markdown(report: dict) -> str:
     folds = list(report["folds"])
-    lines = [f"Held-out groups: " + "; ".join(f"`{f}` ({', '.join(h)})" for f, h in report["folds"].items()), ""]
+    lines = ["Held-out groups: " + "; ".join(f"`{f}` ({', '.join(h)})" for f, h in report["folds"].items()), ""]
     head = ["recipe"] + [f"{f}: COVID AUC [95% CI] / sens, spec (served)" for f in folds]
     head += ["worst COVID AUC", "min sens @ spec>=0.80", "in-source acc", "Kermany test acc", "source probe (chance)",
              "heatmap share on lungs"]

@@ -9,13 +9,16 @@ from pathlib import Path
 from uplink_server import drift
 from uplink_server.imaging import decode
 
+from .labels import NORMAL
+from .triage import triage_scores
+
 
 def build(model_path: Path, data: str | None = None, progress: bool = True) -> dict:
     from .evaluate import predict_validation
 
     clf, logits, kept = predict_validation(model_path, data, progress)
     probs = clf.probabilities(logits)
-    risk = 1.0 - probs[:, clf.classes.index("normal")] if "normal" in clf.classes else probs.max(1)
+    risk = triage_scores(probs, clf.classes) if NORMAL in clf.classes else probs.max(1)
     stats = [drift.image_statistics(decode(r.path).gray) for r in kept]
     ref = drift.reference({"risk": risk.tolist(), "image_mean": [s["image_mean"] for s in stats],
                            "image_std": [s["image_std"] for s in stats]})

@@ -38,13 +38,16 @@ def threshold_for_sensitivity(scores: np.ndarray, abnormal: np.ndarray, target: 
     return float(pos[k])
 
 
-def operating_point(scores: np.ndarray, abnormal: np.ndarray, threshold: float) -> dict:
+def operating_point(scores: np.ndarray, abnormal: np.ndarray, threshold: float | None) -> dict:
+    """Counts and ROC-AUC with its bootstrap interval; with a ``threshold``, sensitivity, specificity and the share
+    flagged at it too."""
     scores, abnormal = np.asarray(scores), np.asarray(abnormal, bool)
-    flagged = scores >= threshold
-    out = {"n": int(len(scores)), "abnormal": int(abnormal.sum()), "normal": int((~abnormal).sum()),
-           "sensitivity": float(flagged[abnormal].mean()) if abnormal.any() else None,
-           "specificity": float((~flagged[~abnormal]).mean()) if (~abnormal).any() else None,
-           "share_flagged": float(flagged.mean()) if len(flagged) else None}
+    out = {"n": int(len(scores)), "abnormal": int(abnormal.sum()), "normal": int((~abnormal).sum())}
+    if threshold is not None:
+        flagged = scores >= threshold
+        out.update(sensitivity=float(flagged[abnormal].mean()) if abnormal.any() else None,
+                   specificity=float((~flagged[~abnormal]).mean()) if (~abnormal).any() else None,
+                   share_flagged=float(flagged.mean()) if len(flagged) else None)
     if abnormal.any() and (~abnormal).any():
         from sklearn.metrics import roc_auc_score
 

@@ -52,9 +52,9 @@ def cmd_predict(args) -> int:
                 probs = "  ".join(f"{c}={p:.3f}" for c, p in pred.probabilities.items())
                 flag = " (uncertain)" if pred.uncertain else ""
                 tri = pred.triage
-                lead = "" if tri is None else (
-                    f"{'NEEDS A DOCTOR' + chr(39) + 'S READ' if tri['needs_read'] else 'no abnormality found by the model'} "
-                    f"(score {tri['score']:.3f}); finding: ")
+                verdict = "" if tri is None else ("NEEDS A DOCTOR'S READ" if tri["needs_read"]
+                                                  else "no abnormality found by the model")
+                lead = "" if tri is None else f"{verdict} (score {tri['score']:.3f}); finding: "
                 print(f"{f}: {lead}{pred.label}{flag}  {probs}  [{clf.name} {clf.version}, {pred.elapsed_ms:.0f} ms]"
                       + (f"  heatmap: {d['heatmap']}" if "heatmap" in d else ""))
     if args.json:

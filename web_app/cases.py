@@ -69,9 +69,11 @@ def office_document(up: Upload) -> bool:
             names = set(zf.namelist())
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError):
         return False
-    return "[Content_Types].xml" in names or "mimetype" in names
+    return bool(names & OFFICE_MARKERS)
 
 
+# what an OOXML (.docx, .xlsx) or OpenDocument (.odt) archive always holds at its root
+OFFICE_MARKERS = {"[Content_Types].xml", "mimetype"}
 OFFICE_DOCUMENT = "an office document, not an image or a ZIP of images"
 
 
@@ -107,7 +109,7 @@ def expand_uploads(uploads: list[Upload], settings: Settings) -> list[Upload]:
         try:
             with zipfile.ZipFile(io.BytesIO(up.data)) as zf:
                 names = set(zf.namelist())
-                if "[Content_Types].xml" in names or "mimetype" in names:
+                if names & OFFICE_MARKERS:
                     raise UploadError("unsupported_type", f"{up.filename}: {OFFICE_DOCUMENT}", 415)
                 members = [m for m in zf.infolist() if not m.is_dir() and not m.filename.startswith("__MACOSX")
                            and not Path(m.filename).name.startswith(".")]
@@ -246,6 +248,17 @@ async def classify_case(db: Session, settings: Settings, router: ModelRouter, ca
         return case
 
     return await run_in_threadpool(write)
+
+
+async def analyse_upload(db: Session, settings: Settings, router: ModelRouter, user: User, upload: Upload,
+                         patient_code: str) -> Case:
+    """One upload from any door (page, API, DICOM node): stored de-identified as a case, then classified unless it
+    was refused. The batcher is told it is coming while it is still being stored."""
+    with router.expecting():
+        case = await run_in_threadpool(create_case, db, settings, user, upload, patient_code)
+        if case.status == "pending":
+            case = await classify_case(db, settings, router, case, user)
+    return case
 
 
 MAX_ATTEMPTS = 6  # automatic tries of a pending case before it waits for a person's Retry

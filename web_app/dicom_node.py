@@ -203,15 +203,12 @@ class DicomNode:
     async def _analyse(self, data: bytes, patient_code: str):
         from starlette.concurrency import run_in_threadpool
 
-        from .cases import Upload, classify_case, create_case
+        from .cases import Upload, analyse_upload
         from .db import Case
 
         with self.SessionLocal() as db:
             user = await run_in_threadpool(node_user, db)
-            with self.router.expecting():
-                case = await run_in_threadpool(create_case, db, self.settings, user, Upload("dicom-node.dcm", data), patient_code)
-                if case.status == "pending":
-                    case = await classify_case(db, self.settings, self.router, case, user)
+            case = await analyse_upload(db, self.settings, self.router, user, Upload("dicom-node.dcm", data), patient_code)
             case = db.get(Case, case.id)
             heatmap = (self.settings.upload_dir / case.heatmap_path).read_bytes() if case.heatmap_path else None
             outcome = {"label": case.label, "probabilities": case.probabilities, "uncertain": case.uncertain,

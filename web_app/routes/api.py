@@ -15,7 +15,6 @@ from fastapi import (
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 
 from uplink_server import NOTICE
 
@@ -24,10 +23,10 @@ from ..cases import (
     OFFICE_DOCUMENT,
     REFUSAL_STATUS,
     UploadError,
+    analyse_upload,
     case_dict,
     check_patient_codes,
     classify_case,
-    create_case,
     expand_uploads,
     export_csv,
     is_zip,
@@ -138,10 +137,7 @@ async def predict(request: Request, file: UploadFile = File(...), patient_code: 
     if len(items) != 1:
         raise HTTPException(400, "send one image per request (ZIP archives are for the upload page)")
     # decoding and de-identifying is CPU work: off the event loop
-    with request.app.state.router.expecting():
-        case = await run_in_threadpool(create_case, db, settings, user, items[0], patient_code)
-        if case.status == "pending":
-            case = await classify_case(db, settings, request.app.state.router, case, user)
+    case = await analyse_upload(db, settings, request.app.state.router, user, items[0], patient_code)
     body = {**case_dict(case), "case_id": case.id, "notice": NOTICE}
     if case.status == "refused":
         body["refusal"]["message"] = refusal_text(case.refusal_code, lang_of(request), case.refusal_message)

@@ -23,9 +23,9 @@ from uplink_server import NOTICE
 from .. import audit, sessions, throttle
 from ..cases import (
     UploadError,
-    classify_case,
-    create_case,
+    analyse_upload,
     check_patient_codes,
+    classify_case,
     expand_uploads,
     export_csv,
     preview_path,
@@ -160,10 +160,7 @@ async def upload(request: Request, files: list[UploadFile] = File(default=[]), p
     ids = []
     for i, item in enumerate(items):
         code = (per_file[i].strip() or patient_code) if per_file else patient_code
-        with request.app.state.router.expecting():
-            case = await run_in_threadpool(create_case, db, settings, user, item, code)
-            if case.status == "pending":
-                await classify_case(db, settings, request.app.state.router, case, user)
+        case = await analyse_upload(db, settings, request.app.state.router, user, item, code)
         ids.append(case.id)
     if len(ids) == 1:
         return RedirectResponse(f"/cases/{ids[0]}", status_code=303)
