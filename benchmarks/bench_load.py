@@ -126,6 +126,18 @@ class Stack:
     def status(self) -> dict:
         return httpx.get(self.bases[0] + "/api/v1/status", headers={"Authorization": f"Bearer {self.token}"}, timeout=10).json()
 
+    def stages(self) -> dict:
+        """The first web node's time per serving stage so far (``uplink_server.stages``)."""
+        return httpx.get(self.bases[0] + "/api/v1/stages", headers={"Authorization": f"Bearer {self.token}"}, timeout=10).json()
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time (user + system, every thread) of the first web node so far; None off Linux."""
+        try:
+            fields = Path(f"/proc/{self.procs[0].pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def _wait_consumers(self, n: int) -> None:
         for _ in range(600):
             if (self.status().get("broker") or {}).get("consumers", 0) >= n:
@@ -188,6 +200,39 @@ def report(name: str, lat, codes, wall: float) -> dict:
     return row
 
 
+def breakdown(before: dict, after: dict, answers: int, cpu_s: float | None, wall: float) -> dict:
+    """Milliseconds per answer in each serving stage of the web process, and its CPU time per answer. Stages are
+    wall times on their threads, so they overlap across requests; ``request`` is an upload's whole time on the
+    server (waiting for the model included), and the CPU line is what an answer costs the machine."""
+    from uplink_server.stages import per_answer
+
+    ms = per_answer(before, after, answers)
+    request = ms.pop("request", None)
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in ms.items())
+    print(f"{'':8s} per answer (ms, web process): {parts}", flush=True)
+    if request is not None:
+        print(f"{'':8s} an upload's time on the server {request:.0f} ms (queue for the model included)", flush=True)
+    if cpu_s is not None:
+        print(f"{'':8s} web process CPU {1000 * cpu_s / max(1, answers):.1f} core-ms per answer "
+              f"({cpu_s / wall:.2f} cores busy of {os.cpu_count()})", flush=True)
+    return {**ms, "request": request, "cpu_ms": None if cpu_s is None else 1000 * cpu_s / max(1, answers)}
+
+
+def _py_spy(stack: Stack, args, name: str):
+    """py-spy recording the web process for the run (``--py-spy PREFIX``), where py-spy is installed."""
+    if not args.py_spy:
+        return None
+    import shutil
+
+    exe = shutil.which("py-spy")
+    if exe is None:
+        print(f"{'':8s} py-spy not installed (pip install py-spy): no profile", flush=True)
+        return None
+    return subprocess.Popen([exe, "record", "--pid", str(stack.procs[0].pid), "--duration", str(int(args.seconds)),
+                             "--rate", "50", "--subprocesses", "--nonblocking", "--output", f"{args.py_spy}-{name}.svg"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def audit_counts(stack: Stack) -> tuple[dict, Counter]:
     """(status of every case, classify writes per case) through the API."""
     h = {"Authorization": f"Bearer {stack.token}"}
@@ -218,8 +263,15 @@ def run(name: str, args, images, nodes=1, servers=0, local=False, kill=False) ->
                 stack.servers[0].send_signal(signal.SIGKILL)
                 killed["at"] = t
 
+        stages0, cpu0 = stack.stages(), stack.cpu_seconds()
+        spy = _py_spy(stack, args, name)
         lat, codes, ok_cases, wall = asyncio.run(load(stack.bases, stack.token, images, args.clients, args.seconds, tick))
+        stages1, cpu1 = stack.stages(), stack.cpu_seconds()
         row = report(name, lat, codes, wall)
+        row["stages_ms"] = breakdown(stages0, stages1, codes.get(200, 0), None if cpu0 is None else cpu1 - cpu0, wall)
+        if spy is not None:
+            spy.wait(args.seconds + 30)
+            print(f"{'':8s} py-spy profile of the web process: {args.py_spy}-{name}.svg", flush=True)
         row.update(nodes=nodes, servers=servers, database="postgresql" if db else "sqlite")
         if kill:
             time.sleep(3)  # let redelivered jobs land
@@ -256,6 +308,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--scenarios", default="local,broker1,broker2,nodes2,kill")
     ap.add_argument("--model", default=None, help="model file for every server (default: the shipped one)")
+    ap.add_argument("--py-spy", default="", metavar="PREFIX", help="record the web process with py-spy to PREFIX-SCENARIO.svg")
     args = ap.parse_args(argv)
     images = real_images()
     print(f"# {os.cpu_count()} cores; {args.clients} clients x {args.seconds:.0f} s; {len(images)} real X-rays; loopback")

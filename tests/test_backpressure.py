@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from .webapp_helpers import _run_client_in_thread, live_app, new_token, sign_in, wait_until
+from .webapp_helpers import _run_client_in_thread, add_user, live_app, new_token, sign_in, wait_until
 
 
 def _burst(base: str, token: str, image: bytes, n: int) -> list[httpx.Response]:
@@ -98,3 +98,28 @@ def test_a_case_left_pending_by_a_crash_says_why_and_resumes(tmp_path, classifie
     with live_app(data, classifier=classifier, resume_interval_s=0.3) as (app, base):
         c, _ = sign_in(base)
         assert wait_until(lambda: c.get(f"/api/v1/cases/{case_id}", headers={"X-CSRF-Token": ""}).json()["status"] == "done", 60)
+
+
+def test_the_serving_breakdown_counts_every_stage_of_an_upload(tmp_path, classifier, one_xray):
+    """GET /api/v1/stages: what bench_load turns into milliseconds per answer. Ten uploads through the API pass
+    each stage of the path ten times (decode once: the model takes the pixels decoded at upload)."""
+    from uplink_server.stages import CLOCK, per_answer
+
+    with live_app(tmp_path / "data", classifier=classifier) as (app, base):
+        c, csrf = sign_in(base)
+        auth = {"Authorization": f"Bearer {new_token(c, csrf)}"}
+        before = c.get("/api/v1/stages", headers=auth).json()
+        for i in range(10):
+            r = c.post("/api/v1/predict", files={"file": ("x.jpeg", one_xray.read_bytes(), "image/jpeg")}, headers=auth)
+            assert r.status_code == 200
+        after = c.get("/api/v1/stages", headers=auth).json()
+        grew = {k: after[k]["count"] - before.get(k, {}).get("count", 0) for k in after}
+        for name in ("request", "decode", "deidentify", "store", "checks", "preprocess", "heatmap", "png"):
+            assert grew.get(name) == 10, (name, grew)
+        assert grew["model"] >= 1 and grew["database"] >= 20  # batches; the case stored, then its result written
+        ms = per_answer(before, after, 10)
+        assert ms["request"] > ms["model"] / 10 > 0 and ms["request"] > ms["decode"]
+        assert list(after) == list(CLOCK.snapshot())  # one process-wide clock, in the path's order
+        add_user(c, csrf, "tech@x.org", "technician")
+        t, tcsrf = sign_in(base, "tech@x.org", "user-pass-123")
+        assert t.get("/api/v1/stages", headers={"Authorization": f"Bearer {new_token(t, tcsrf)}"}).status_code == 403

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from .webapp_helpers import ADMIN, live_app
+from .webapp_helpers import ADMIN, live_app, wait_js
 
 pytestmark = pytest.mark.browser
 
@@ -40,7 +40,7 @@ def test_sign_in_upload_result_spanish_history_worklist(browser, app, xray_paths
     assert page.locator(".bar").count() == 3
     assert "not a diagnosis" in page.inner_text("[data-testid=notice]")
     # heatmap overlay toggles over the X-ray (the preview is made on first view)
-    page.wait_for_function("document.querySelector('[data-testid=xray]').naturalWidth > 0")
+    wait_js(page, "document.querySelector('[data-testid=xray]').naturalWidth > 0")
     assert page.locator("[data-testid=xray]").is_visible()
     page.check("[data-testid=heatmap-toggle]")
     assert page.locator("[data-testid=heatmap]").is_visible()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .webapp_helpers import ADMIN, add_user, live_app, sign_in
+from .webapp_helpers import ADMIN, add_user, live_app, sign_in, wait_js
 
 pytestmark = pytest.mark.browser
 SIZES = [(360, 740), (1280, 800)]
@@ -76,7 +76,7 @@ def test_near_tie_is_shown_as_uncertain_everywhere(browser, tmp_path, near_tie, 
         assert page.locator("[data-testid=uncertain]").is_visible()
         _no_certainties(page.inner_text("[data-testid=probabilities]"))
         assert page.locator("[data-testid=next-xray]").is_visible()
-        page.wait_for_function("document.querySelector('[data-testid=xray]').naturalWidth > 0")
+        wait_js(page, "document.querySelector('[data-testid=xray]').naturalWidth > 0")
         page.check("[data-testid=heatmap-toggle]")
         assert page.locator("[data-testid=heatmap-legend]").is_visible()
         assert page.evaluate("document.documentElement.scrollWidth") <= w
@@ -142,7 +142,7 @@ def test_refusals_batches_and_the_empty_code_warning(browser, tmp_path, classifi
         _upload(page, [photo], "EC-P")
         page.wait_for_selector("[data-testid=next-step]")
         assert page.inner_text("[data-testid=outcome]") == WORDS[lang]["refused"]
-        page.wait_for_function("document.querySelector('[data-testid=xray]').naturalWidth > 0")
+        wait_js(page, "document.querySelector('[data-testid=xray]').naturalWidth > 0")
         png = page.request.get(page.url + "/image.png").body()
         rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), np.float32)
         assert (rgb.max(2) - rgb.min(2)).mean() > 20  # not turned grey

@@ -147,7 +147,8 @@ def test_performance_matches_scikit_learn_on_the_same_cases(site, classifier):
     assert m["other_readings"] == {"not_assessable": 1} and m["share_refused"] == 0
     y_true = [readings[i] for i in ids[:8]]
     y_pred = [cases[i]["label"] for i in ids[:8]]
-    assert m["confusion_matrix"] == confusion_matrix(y_true, y_pred, labels=list(CLASSES)).tolist()
+    assert m["readings"] == [*CLASSES, "other"] and m["confusion_matrix"][-1] == [0] * len(CLASSES)
+    assert m["confusion_matrix"][:-1] == confusion_matrix(y_true, y_pred, labels=list(CLASSES)).tolist()
     sens = recall_score(y_true, y_pred, labels=list(CLASSES), average=None, zero_division=np.nan)
     for k, cls in enumerate(CLASSES):
         pc = m["per_class"][cls]
@@ -211,7 +212,8 @@ def test_reliability_plot_and_exports(site):
     pdf = c.get("/performance.pdf", headers={"Accept-Language": "es"})
     assert pdf.status_code == 200 and pdf.content.startswith(b"%PDF") and pdf.content.count(b"/Type /Page") >= 1
     rows = c.get("/performance.csv").text.splitlines()
-    assert rows[0].startswith("model,class,n,sensitivity") and len(rows) == 1 + len(CLASSES)
+    assert rows[0].startswith("model,class,n,sensitivity") and len(rows) == 2 + len(CLASSES)
+    assert rows[1].split(",")[1] == "any_abnormality"
 
 
 def test_drift_against_the_card_warns_when_a_site_images_differ(tmp_path, tiny_run, xray_paths):
@@ -243,3 +245,68 @@ def test_drift_against_the_card_warns_when_a_site_images_differ(tmp_path, tiny_r
         assert "image_mean" in perf["drift"]["large"] and perf["drift"]["stats"]["image_mean"]["n"] == 32
         page = c.get("/performance").text
         assert 'data-testid="drift-warning"' in page and 'data-testid="drift-plot"' in page
+        assert "above 0.25, 32 images" in page and "at least 30 images" in page  # the rule, stated
+
+
+@pytest.fixture()
+def split_site(tmp_path, tiny_model, xray_paths):
+    """The tiny real model with a triage threshold at the median score of ten real films (the card's operating
+    point, set so that it passes some and flags others), and those films analysed in a web app."""
+    import copy
+    import json
+
+    from uplink_server.model import Classifier, find_card
+
+    images = [p for kind in ("covid", "kermany_pneumonia", "kermany_normal", "adult_normal") for p in xray_paths[kind]][:10]
+    plain = Classifier(tiny_model)
+    scores = [1 - plain.predict(p).probabilities["normal"] for p in images]
+    card = copy.deepcopy(json.loads(find_card(tiny_model).read_text()))
+    card["triage"] = {"threshold": float(np.median(scores)), "target_sensitivity": 0.95}
+    with live_app(tmp_path / "data", classifier=Classifier(tiny_model, card=card)) as (app, base):
+        c, csrf = sign_in(base)
+        auth = {"Authorization": f"Bearer {new_token(c, csrf)}"}
+        ids = [c.post("/api/v1/predict", files={"file": (p.name, p.read_bytes(), "image/jpeg")}, headers=auth).json()["case_id"]
+               for p in images]
+        yield c, auth, ids
+
+
+def test_an_other_finding_the_ai_let_through_is_a_missed_film_and_small_numbers_say_so(split_site):
+    """A doctor's "other finding" on a film the AI passed as no abnormality is a triage miss; at n = 3 the page
+    shows counts, their interval and "too few cases yet" rather than alarms."""
+    c, auth, ids = split_site
+    cases = {x["id"]: x for x in c.get("/api/v1/cases", headers=auth).json()}
+    passed = [i for i in ids if cases[i]["triage"]["needs_read"] is False]
+    flagged = [i for i in ids if cases[i]["triage"]["needs_read"] is True]
+    assert passed and flagged, "the tiny model passes some films and flags others"
+    assert _review(c, auth, passed[0], "other", note="cavity, right apex").status_code == 201
+    assert _review(c, auth, flagged[0], "other").status_code == 201
+    third = next(i for i in ids if i not in (passed[0], flagged[0]))
+    assert _review(c, auth, third, "not_assessable").status_code == 201  # says nothing about triage
+    m = next(iter(c.get("/api/v1/performance", headers=auth).json()["by_model"].values()))
+    tr = m["triage"]
+    assert tr["abnormal"] == 2 and tr["missed"] == 1 and (tr["sensitivity_k"], tr["sensitivity_n"]) == (1, 2)
+    assert tr["sensitivity_enough"] is False and tr["n"] == 2
+    other_row = m["confusion_matrix"][m["readings"].index("other")]
+    assert sum(other_row) == 2 and other_row[CLASSES.index(cases[passed[0]]["label"])] >= 1
+    assert m["agreement"] == 0  # an other finding never agrees with a class
+    page = c.get("/performance").text
+    assert 'data-testid="site-triage"' in page and 'data-testid="too-few"' in page and "1/2" in page
+    assert "too few cases yet (2 of 20 needed)" in page and 'data-testid="performance-warning"' not in page
+    es = c.get("/performance", headers={"Accept-Language": "es"}).text
+    assert "IC 95%" in es and "\\ IA" in es and "95% CI" not in es and "\\ AI" not in es
+
+
+def test_drift_on_a_handful_of_images_says_too_few_and_fires_from_the_minimum():
+    """The same shift is 'too few yet' on 5 images and a warning on 40, and both carry the rule's numbers."""
+    from uplink_server import drift
+
+    rng = np.random.default_rng(0)
+    ref = drift.reference({"image_mean": rng.normal(0.5, 0.05, 500).tolist()})
+    dark = lambda n: {"image_mean": rng.normal(0.2, 0.05, n).tolist()}  # noqa: E731
+    few, many = drift.compare(ref, dark(5)), drift.compare(ref, dark(40))
+    assert few["stats"]["image_mean"]["psi"] > drift.LARGE and many["stats"]["image_mean"]["psi"] > drift.LARGE
+    assert few["too_few"] == ["image_mean"] and few["large"] == []
+    assert many["large"] == ["image_mean"] and many["too_few"] == []
+    assert few["threshold"] == many["threshold"] == drift.LARGE and few["min_n"] == 30
+    same = drift.compare(ref, {"image_mean": rng.normal(0.5, 0.05, 40).tolist()})
+    assert same["large"] == same["too_few"] == []

@@ -86,3 +86,14 @@ def wait_until(pred, timeout: float = 30.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def wait_js(page, expression: str, timeout: float = 15.0) -> None:
+    """Wait until a JavaScript expression is truthy on the page. Playwright's wait_for_function polls by
+    evaluating a string inside the page, which the app's Content-Security-Policy (no 'unsafe-eval') refuses
+    whenever the first check is false; page.evaluate goes through the debugger protocol and is not refused."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expression):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not true after {timeout} s: {expression}")
+        time.sleep(0.05)

@@ -40,16 +40,17 @@ def reference(values: dict[str, list[float]]) -> dict:
 
 
 def compare(ref: dict | None, values: dict[str, list[float]], min_n: int = 30) -> dict:
-    """PSI per statistic against the card's reference; ``large`` names the shifted ones (none under ``min_n``)."""
+    """PSI per statistic against the card's reference; ``large`` names the shifted ones, ``too_few`` those above
+    the threshold on fewer than ``min_n`` images (a PSI on a handful of images is noise, and the page says so)."""
     if not ref:
         return {"available": False}
-    out = {"available": True, "stats": {}, "large": []}
+    out = {"available": True, "stats": {}, "large": [], "too_few": [], "threshold": LARGE, "min_n": min_n}
     for k, v in values.items():
         if k not in ref.get("hist", {}) or not v:
             continue
         site = histogram(v, k)
         value = psi(site, ref["hist"][k])
         out["stats"][k] = {"n": len(v), "psi": round(value, 4), "site": site, "reference": ref["hist"][k]}
-        if len(v) >= min_n and value > LARGE:
-            out["large"].append(k)
+        if value > LARGE:
+            out["large" if len(v) >= min_n else "too_few"].append(k)
     return out

@@ -15,6 +15,7 @@ from . import gradcam, ood
 from .errors import Refusal
 from .imaging import DecodedImage, decode
 from .preprocessing import PreprocessSpec, preprocess, view_box
+from .stages import stage
 from .triage import TriageRule
 from .uncertainty import UncertaintyRule, margin
 
@@ -217,7 +218,8 @@ class Classifier:
 
     def run(self, batch: np.ndarray):
         """Raw outputs (logits, cam|None, embedding|None) for a preprocessed batch."""
-        return self._backend(np.ascontiguousarray(batch, dtype=np.float32))
+        with stage("model"):
+            return self._backend(np.ascontiguousarray(batch, dtype=np.float32))
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         z = logits / self.temperature
@@ -267,11 +269,18 @@ class Classifier:
         pred = Prediction(file=name or (str(source) if isinstance(source, (str, Path)) else ""),
                           model=self.name, version=self.version)
         try:
-            image = source if isinstance(source, DecodedImage) else decode(source)
-            if check_ood:
-                ood.check_image(image.gray, image.colorfulness)
-            thumb = ood.thumbnail(image.gray) if check_ood and self.gate is not None else None
-            return Prepared(pred, image, self.preprocess(image), thumb)
+            if isinstance(source, DecodedImage):
+                image = source
+            else:
+                with stage("decode"):
+                    image = decode(source)
+            with stage("checks"):
+                if check_ood:
+                    ood.check_image(image.gray, image.colorfulness)
+                thumb = ood.thumbnail(image.gray) if check_ood and self.gate is not None else None
+            with stage("preprocess"):
+                x = self.preprocess(image)
+            return Prepared(pred, image, x, thumb)
         except Refusal as r:
             pred.refused, pred.refusal = True, r.to_dict()
             return Prepared(pred, None, None)
@@ -284,7 +293,8 @@ class Classifier:
         scores = np.full(len(prepared), np.nan)
         idx = [i for i, p in enumerate(prepared) if p.thumb is not None]
         if idx:
-            scores[idx] = self.gate.score(np.asarray(embs)[idx], np.stack([prepared[i].thumb for i in idx]))
+            with stage("gate"):
+                scores[idx] = self.gate.score(np.asarray(embs)[idx], np.stack([prepared[i].thumb for i in idx]))
         return scores
 
     def finish(self, p: "Prepared", probs: np.ndarray, cam, ood_score: float | None = None, heatmap: bool = True,
@@ -303,6 +313,9 @@ class Classifier:
         pred.uncertain = self.uncertainty.is_uncertain(probs)
         pred.triage = self.triage.assess(pred.probabilities)
         if heatmap and cam is not None:
-            pred.heatmap = gradcam.normalize_cam(cam[k if heatmap_class is None else self.classes.index(heatmap_class)])
-            pred.heatmap_png = gradcam.to_png(gradcam.overlay(p.image.gray, pred.heatmap, box=view_box(p.image.gray, self.spec)))
+            with stage("heatmap"):
+                pred.heatmap = gradcam.normalize_cam(cam[k if heatmap_class is None else self.classes.index(heatmap_class)])
+                shown = gradcam.overlay(p.image.gray, pred.heatmap, box=view_box(p.image.gray, self.spec))
+            with stage("png"):
+                pred.heatmap_png = gradcam.to_png(shown)
         return pred

@@ -16,6 +16,8 @@ from sqlalchemy import select
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.sessions import SessionMiddleware
 
+from uplink_server.stages import stage
+
 from .config import Settings
 from .db import User, make_engine, migrate, session_factory
 from .i18n import translate
@@ -32,6 +34,7 @@ class LoginRequired(Exception):
 
 # Every response: nothing loads from another origin, no page may be framed (clickjacking), types are not sniffed,
 # and no address leaves in a Referer. Inline handlers and styles stay allowed: the pages use a few of their own.
+TIMED_PATHS = ("/api/v1/predict", "/upload")
 SECURITY_HEADERS = {
     "Content-Security-Policy": ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
                                 "img-src 'self' data: blob:; media-src 'self' blob:; connect-src 'self'; object-src 'none'; "
@@ -138,7 +141,11 @@ def create_app(settings: Settings | None = None, classifier="auto") -> FastAPI:
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):
-        response = await call_next(request)
+        if request.method == "POST" and request.url.path in TIMED_PATHS:  # the upload's whole time on the server
+            with stage("request"):
+                response = await call_next(request)
+        else:
+            response = await call_next(request)
         for k, v in SECURITY_HEADERS.items():
             response.headers.setdefault(k, v)
         return response

@@ -67,7 +67,8 @@ def performance_csv(perf: dict) -> str:
               "share_refused", "ece", "drift_large"]
     rows = []
     for version, m in perf["by_model"].items():
-        for cls, pc in m["per_class"].items():
+        # the site's triage (any abnormality, an other finding included) first, then each class
+        for cls, pc in [("any_abnormality", {**m["triage"], "n": m["triage"]["abnormal"]}), *m["per_class"].items()]:
             sc, pcs = pc["sensitivity_ci95"] or (None, None), pc["specificity_ci95"] or (None, None)
             rows.append([version, cls, pc["n"], pc["sensitivity"], *sc, pc["specificity"], *pcs, m["cases"], m["reviewed"],
                          m["agreement"], m["share_uncertain"], m["share_refused"], m["reliability"]["ece"],
@@ -85,12 +86,18 @@ def performance_pdf(perf: dict, checks: dict, t, clinic: str = "") -> bytes:
                      t("perf_counts").format(cases=m["cases"], analysed=m["analysed"], reviewed=m["reviewed"],
                                              compared=m["compared"])]
             for cls, pc in m["per_class"].items():
-                sens = "-" if pc["sensitivity"] is None else f"{pc['sensitivity']:.2f} ({pc['sensitivity_ci95'][0]:.2f}-{pc['sensitivity_ci95'][1]:.2f})"
-                spec = "-" if pc["specificity"] is None else f"{pc['specificity']:.2f} ({pc['specificity_ci95'][0]:.2f}-{pc['specificity_ci95'][1]:.2f})"
+                sens = "-" if pc["sensitivity"] is None else f"{pc['sensitivity_k']}/{pc['sensitivity_n']} ({pc['sensitivity_ci95'][0]:.2f}-{pc['sensitivity_ci95'][1]:.2f})"
+                spec = "-" if pc["specificity"] is None else f"{pc['specificity_k']}/{pc['specificity_n']} ({pc['specificity_ci95'][0]:.2f}-{pc['specificity_ci95'][1]:.2f})"
                 lines.append(f"{t(cls)}: n={pc['n']}  {t('sensitivity')} {sens}  {t('specificity')} {spec}")
             if version == checks.get("version"):
                 lines += [t("performance_warning_short").format(measure=t(w["measure"]), cls=t(w["class"])) for w in checks["warnings"]]
-            lines += [t("drift_warning").format(stat=t("drift_" + k)) for k in m["drift"].get("large", [])]
+            d = m["drift"]
+            lines += [t("drift_warning").format(stat=t("drift_" + k), psi=f"{d['stats'][k]['psi']:.2f}", threshold=d["threshold"],
+                                                n=d["stats"][k]["n"]) for k in d.get("large", [])]
+            tr = m["triage"]
+            if tr["n"]:
+                lines.append(f"{t('needs_read')}: {t('sensitivity')} {tr['sensitivity_k']}/{tr['sensitivity_n']}, "
+                             f"{t('specificity')} {tr['specificity_k']}/{tr['specificity_n']}, {t('missed')} {tr['missed']}")
             lines += ["", t("notice")]
             fig.text(0.07, 0.95, "\n".join(lines), va="top", fontsize=9, wrap=True)
             if m["reliability"]["bins"]:

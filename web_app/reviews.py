@@ -15,7 +15,7 @@ import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from model_training.labels import CLASSES
+from model_training.labels import CLASSES, NORMAL
 from uplink_server import drift
 
 from .db import Case, Review, SiteSetting, User
@@ -96,6 +96,15 @@ def latest_reviews(db: Session, case_ids: list[int] | None = None) -> dict[int, 
     return {r.case_id: r for r in db.scalars(select(Review).where(Review.id.in_(newest)))}
 
 
+def next_unreviewed(db: Session, after: int | None = None) -> Case | None:
+    """The worklist's next case for a reader: analysed, not yet read, highest risk first (then newest)."""
+    read = select(Review.case_id)
+    query = select(Case).where(Case.status == "done", Case.id.not_in(read))
+    if after is not None:
+        query = query.where(Case.id != after)
+    return db.scalar(query.order_by(Case.risk.is_(None), Case.risk.desc(), Case.created_at.desc()).limit(1))
+
+
 def history(db: Session, case_id: int) -> list[Review]:
     """Every reading of a case, newest first."""
     return list(db.scalars(select(Review).where(Review.case_id == case_id).order_by(Review.id.desc())))
@@ -111,6 +120,12 @@ def review_dict(r: Review | None) -> dict | None:
 # ---- site performance --------------------------------------------------------------------------------------
 
 Z95 = NormalDist().inv_cdf(0.975)
+# A site's sensitivity or specificity is compared with the card (and can raise a warning) only from this many
+# cases in its denominator: at n = 3 the 95 % interval spans most of [0, 1] and an alarm means nothing.
+MIN_FOR_WARNING = 20
+# What a reading says about triage: anything but a normal film needs a doctor's read ("other finding" too);
+# "not assessable" says nothing either way.
+ABNORMAL_READINGS = tuple(r for r in READINGS if r not in (NORMAL, "not_assessable"))
 
 
 def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float] | None:
@@ -156,20 +171,27 @@ def performance(db: Session, references: dict | None = None) -> dict:
     for version, cs in sorted(by_version.items()):
         done = [c for c in cs if c.status == "done"]
         read = [(c, reviews[c.id]) for c in done if c.id in reviews]
-        pairs = [(c.label, r.reading) for c, r in read if r.reading in CLASSES and c.label in CLASSES]
-        k = len(CLASSES)
-        cm = np.zeros((k, k), int)  # rows: the doctor's reading, columns: the AI's result
+        # rows: the doctor's reading, an "other finding" included (a film the AI called normal that a doctor
+        # found abnormal is a miss, whatever the finding); columns: the AI's result
+        rows = (*CLASSES, "other")
+        pairs = [(c.label, r.reading) for c, r in read if r.reading in rows and c.label in CLASSES]
+        cm = np.zeros((len(rows), len(CLASSES)), int)
         for ai, doc in pairs:
-            cm[CLASSES.index(doc), CLASSES.index(ai)] += 1
+            cm[rows.index(doc), CLASSES.index(ai)] += 1
         per_class = {}
         for i, cls in enumerate(CLASSES):
             tp = int(cm[i, i])
             fn = int(cm[i].sum() - tp)
             fp = int(cm[:, i].sum() - tp)
             tn = int(cm.sum() - tp - fn - fp)
-            per_class[cls] = {"n": tp + fn, "sensitivity": tp / (tp + fn) if tp + fn else None,
-                              "sensitivity_ci95": wilson(tp, tp + fn), "specificity": tn / (tn + fp) if tn + fp else None,
-                              "specificity_ci95": wilson(tn, tn + fp)}
+            per_class[cls] = {"n": tp + fn, **proportion("sensitivity", tp, tp + fn), **proportion("specificity", tn, tn + fp)}
+        triage = [(c.triage_flag, r.reading in ABNORMAL_READINGS) for c, r in read
+                  if r.reading != "not_assessable" and c.triage_flag is not None]
+        tp = sum(1 for flag, sick in triage if flag and sick)
+        tn = sum(1 for flag, sick in triage if not flag and not sick)
+        n_sick = sum(1 for _, sick in triage if sick)
+        site_triage = {"n": len(triage), "abnormal": n_sick, "missed": n_sick - tp,
+                       **proportion("sensitivity", tp, n_sick), **proportion("specificity", tn, len(triage) - n_sick)}
         other = Counter(r.reading for _, r in read if r.reading not in CLASSES)
         compared = [(c, r) for c, r in read if r.reading in CLASSES and c.label in CLASSES]
         model_probs = [c.model_probabilities or c.probabilities for c in done if c.probabilities]
@@ -178,8 +200,9 @@ def performance(db: Session, references: dict | None = None) -> dict:
                         "image_std": [c.image_stats["image_std"] for c in cs if c.image_stats]}
         out[version] = {
             "cases": len(cs), "analysed": len(done), "reviewed": len(read), "compared": len(pairs),
-            "agreement": float(np.trace(cm) / cm.sum()) if cm.sum() else None,
-            "confusion_matrix": cm.tolist(), "classes": list(CLASSES), "per_class": per_class,
+            "agreement": float(np.trace(cm[:len(CLASSES)]) / cm.sum()) if cm.sum() else None,
+            "confusion_matrix": cm.tolist(), "classes": list(CLASSES), "readings": list(rows), "per_class": per_class,
+            "triage": site_triage, "min_for_warning": MIN_FOR_WARNING,
             "share_uncertain": sum(c.uncertain for c in done) / len(done) if done else None,
             "share_refused": (len(cs) - len(done)) / len(cs) if cs else None,
             "other_readings": dict(other),
@@ -189,6 +212,13 @@ def performance(db: Session, references: dict | None = None) -> dict:
             "drift": drift.compare((references or {}).get(version), drift_values),
         }
     return {"readings": list(READINGS), "by_model": out, "refused_before_analysis": before_model}
+
+
+def proportion(name: str, k: int, n: int) -> dict:
+    """A site statistic as counts first (k of n), its value and 95 % interval, and whether n is enough to
+    compare it with the card (``MIN_FOR_WARNING``)."""
+    return {name: k / n if n else None, f"{name}_k": k, f"{name}_n": n, f"{name}_ci95": wilson(k, n),
+            f"{name}_enough": n >= MIN_FOR_WARNING}
 
 
 def card_references(local) -> dict:
@@ -212,7 +242,7 @@ def compare_with_card(perf: dict, card: dict | None) -> dict:
         got = (site or {}).get("per_class", {}).get(cls)
         for measure in ("sensitivity", "specificity"):
             ci = got and got.get(f"{measure}_ci95")
-            if ci and values.get(measure) is not None and ci[1] < values[measure]:
+            if ci and got.get(f"{measure}_enough") and values.get(measure) is not None and ci[1] < values[measure]:
                 warnings.append({"class": cls, "measure": measure, "site": got[measure], "ci95": ci, "card": values[measure]})
     return {"version": version, "warnings": warnings,
             "card": {c: {m: v.get(m) for m in ("sensitivity", "specificity")} for c, v in ref.items()}}

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
 from uplink_server import NOTICE
+from uplink_server.stages import CLOCK
 
 from .. import audit
 from ..cases import (
@@ -293,3 +294,13 @@ async def status(request: Request, user: User = Depends(api_user)):
     """Models: the in-process one (with its batching), websocket model servers, and the
     broker's queue depth and model servers with their health."""
     return {"model_available": request.app.state.router.available, **(await request.app.state.router.full_status())}
+
+
+@router.get("/stages")
+def stages(user: User = Depends(api_user)):
+    """Where this process's upload time went since it started: seconds and count per stage of the serving path
+    (upload parsing is ``request`` less the rest). ``python -m benchmarks.bench_load`` reads it before and after a
+    run. The in-process model's stages only: a model server elsewhere keeps its own."""
+    if not can(user.role, "admin"):
+        raise HTTPException(403, "only admins read the serving breakdown")
+    return CLOCK.snapshot()

@@ -15,7 +15,7 @@ from fastapi import (
 )
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 from starlette.concurrency import run_in_threadpool
 
 from uplink_server import NOTICE
@@ -51,6 +51,7 @@ from ..reviews import (
     latest_reviews,
     may_review,
     may_see_performance,
+    next_unreviewed,
     performance,
     set_site_flag,
     site_flag,
@@ -67,7 +68,10 @@ DEFAULT_TOKEN_DAYS = 90
 def render(request: Request, name: str, user: User | None = None, status: int = 200, **ctx) -> HTMLResponse:
     lang = lang_of(request)
     templates = request.app.state.templates
-    html = templates.get_template(name).render(
+    # technicians may see Performance where the site allows it: the menu must say so, not only the URL
+    db = object_session(user) if user is not None else None
+    show_performance = user is not None and (can(user.role, "performance") or (db is not None and may_see_performance(db, user)))
+    html = templates.get_template(name).render(show_performance=show_performance,
         request=request, user=user, lang=lang, t=lambda k: translate(k, lang), csrf=csrf_token(request),
         can=lambda p: user is not None and can(user.role, p), refusal_text=lambda c, m=None: refusal_text(c, lang, m),
         next_step=lambda c: next_step(c, lang), pct=pct, notice=translate("notice", lang), notice_en=NOTICE, **ctx)
@@ -170,6 +174,13 @@ async def upload(request: Request, files: list[UploadFile] = File(default=[]), p
 @router.get("/batch")
 def batch(request: Request, ids: str = "", user: User = Depends(page_user), db: Session = Depends(get_db)):
     cases = [_get_case(db, user, int(i)) for i in ids.split(",") if i.strip().isdigit()]
+    # what needs attention first: flagged films by risk, then refusals (retakes), waiting, and the rest
+    def attention(c: Case) -> int:
+        if c.status == "done":
+            return 0 if c.triage_flag else 1 if c.uncertain else 4
+        return 2 if c.status == "refused" else 3
+
+    cases.sort(key=lambda c: (attention(c), -(c.risk or 0.0), c.id))
     return render(request, "batch.html", user, cases=cases)
 
 
@@ -179,10 +190,12 @@ def _render_case(request: Request, user: User, db: Session, case: Case, status: 
 
 
 @router.get("/cases/{case_id}")
-def case_page(case_id: int, request: Request, user: User = Depends(page_user), db: Session = Depends(get_db)):
+def case_page(case_id: int, request: Request, saved: int = 0, user: User = Depends(page_user), db: Session = Depends(get_db)):
     case = _get_case(db, user, case_id)
     audit.record(db, "case_view", user, request, case_id=case.id, page="case")
-    return _render_case(request, user, db, case)
+    reader = may_review(db, user) and can(user.role, "view_all")
+    return _render_case(request, user, db, case, review_saved=bool(saved) and bool(case.reviews),
+                        next_case=next_unreviewed(db, after=case.id) if reader else None, reader=reader)
 
 
 @router.post("/cases/{case_id}/review")
@@ -198,19 +211,23 @@ def review_page(case_id: int, request: Request, reading: str = Form(""), agrees:
                             review_error=translate(f"rv_{exc.code}", lang_of(request)))
     audit.record(db, "review", user, request, case_id=case.id, reading=review.reading, agrees=review.agrees)
     db.refresh(case)
-    return RedirectResponse(f"/cases/{case.id}", status_code=303)
+    # back to the review, not the top of the page, with a confirmation there
+    return RedirectResponse(f"/cases/{case.id}?saved=1#review", status_code=303)
 
 
 @router.post("/cases/{case_id}/rotate")
-async def rotate(case_id: int, request: Request, csrf_token_: str = Form("", alias="csrf_token"),
+async def rotate(case_id: int, request: Request, turns: int = Form(1), csrf_token_: str = Form("", alias="csrf_token"),
                  user: User = Depends(page_user), db: Session = Depends(get_db)):
-    """Turn the stored image a quarter clockwise and analyze it again (an X-ray uploaded on its side)."""
+    """Turn the stored image 1-3 quarters clockwise and analyze it again (an X-ray uploaded on its side or
+    upside down)."""
     check_csrf(request, csrf_token_)
     case = _get_case(db, user, case_id)
     settings = request.app.state.settings
     if not case.image_path:
         raise HTTPException(400, "this case has no stored image to rotate")
-    await run_in_threadpool(rotate_stored, settings, case)
+    if turns not in (1, 2, 3):
+        raise HTTPException(400, "turns must be 1, 2 or 3 quarter turns clockwise")
+    await run_in_threadpool(rotate_stored, settings, case, turns)
     await classify_case(db, settings, request.app.state.router, case, user)
     return RedirectResponse(f"/cases/{case.id}", status_code=303)
 
@@ -238,7 +255,7 @@ async def case_image(case_id: int, request: Request, user: User = Depends(page_u
     p = await run_in_threadpool(preview_path, request.app.state.settings, case)
     if p is None:
         raise HTTPException(404)
-    return FileResponse(p, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+    return FileResponse(p, media_type="image/png", headers={"Cache-Control": "private, no-cache"})
 
 
 @router.get("/cases/{case_id}/heatmap.png")
@@ -246,7 +263,8 @@ def case_heatmap(case_id: int, request: Request, user: User = Depends(page_user)
     case = _get_case(db, user, case_id)
     if not case.heatmap_path:
         raise HTTPException(404)
-    return FileResponse(request.app.state.settings.upload_dir / case.heatmap_path, media_type="image/png")
+    return FileResponse(request.app.state.settings.upload_dir / case.heatmap_path, media_type="image/png",
+                        headers={"Cache-Control": "private, no-cache"})
 
 
 def _filtered(db, user, q: str, date_from: str, date_to: str):
@@ -291,9 +309,11 @@ def worklist(request: Request, filter: str = "all", user: User = Depends(page_us
     # refused studies too, with their reason: each is a retake to arrange
     rows = db.scalars(select(Case).order_by(Case.risk.is_(None), Case.risk.desc(), Case.created_at.desc()).limit(1000)).all()
     latest = latest_reviews(db, [c.id for c in rows])
+    counts = {name: sum(1 for c in rows if f(c, latest.get(c.id))) for name, f in WORKLIST_FILTERS.items()}
     # unread studies first, by risk (the query's order), then those already read
     rows = sorted((c for c in rows if keep(c, latest.get(c.id))), key=lambda c: c.id in latest)[:500]
-    return render(request, "worklist.html", user, cases=rows, active_filter=filter if filter in WORKLIST_FILTERS else "all")
+    return render(request, "worklist.html", user, cases=rows, counts=counts,
+                  active_filter=filter if filter in WORKLIST_FILTERS else "all")
 
 
 def _performance(request: Request, user: User, db: Session, status: int = 200, **ctx) -> HTMLResponse:
@@ -446,12 +466,12 @@ def admin_site(request: Request, technicians_review: str = Form(""), csrf_token_
         raise HTTPException(403)
     set_site_flag(db, TECHNICIANS_REVIEW, technicians_review == "1")
     audit.record(db, "site_setting", user, request, technicians_review=technicians_review == "1")
-    return RedirectResponse("/admin", status_code=303)
+    return RedirectResponse("/admin?saved=1", status_code=303)
 
 
 @router.get("/admin")
-async def admin(request: Request, added: str = "", updated: str = "", ended: str = "", user: User = Depends(page_user),
-                db: Session = Depends(get_db)):
+async def admin(request: Request, added: str = "", updated: str = "", ended: str = "", saved: int = 0,
+                user: User = Depends(page_user), db: Session = Depends(get_db)):
     if not can(user.role, "admin"):
         raise HTTPException(403)
     lang = lang_of(request)
@@ -463,6 +483,8 @@ async def admin(request: Request, added: str = "", updated: str = "", ended: str
         if ended.count(",") == 1 and ended.replace(",", "").isdigit():
             n_sessions, n_tokens = ended.split(",")
             message += " " + translate("sessions_ended", lang).format(sessions=n_sessions, tokens=n_tokens)
+    elif saved:
+        message = translate("settings_saved", lang)
     return render(request, "admin.html", user, users=db.scalars(select(User).order_by(User.id)).all(),
                   roles=tuple(reversed(ROLES)), message=message, technicians_review=site_flag(db, TECHNICIANS_REVIEW),
                   servers=await request.app.state.router.full_status(), uplink_key=request.app.state.settings.uplink_key,
