@@ -74,6 +74,10 @@ def test_near_tie_is_shown_as_uncertain_everywhere(browser, tmp_path, near_tie, 
         page.wait_for_selector("[data-testid=outcome]")
         assert page.inner_text("[data-testid=outcome]").startswith(WORDS[lang]["uncertain"])
         assert page.locator("[data-testid=uncertain]").is_visible()
+        # the line names both classes with their probabilities, and does not claim the two cannot be told apart
+        probs = page.locator("[data-testid=probabilities] .pct").all_inner_texts()
+        help_text = page.inner_text("[data-testid=uncertain]")
+        assert probs[0] in help_text and probs[1] in help_text and "cannot tell" not in help_text and "no logra" not in help_text
         _no_certainties(page.inner_text("[data-testid=probabilities]"))
         assert page.locator("[data-testid=next-xray]").is_visible()
         wait_js(page, "document.querySelector('[data-testid=xray]').naturalWidth > 0")

@@ -111,8 +111,11 @@ def test_every_page_fits_the_viewport_for_every_role(browser, busy_site, artifac
                 page.screenshot(path=str(artifacts / f"workflow-{role}-{name}-{lang}-{w}.png"), full_page=True)
         if role == "technician":
             assert page.locator("[data-testid=nav-performance]").is_visible()
-        if w == 360 and role == "admin":
+        if role == "admin":
             page.goto(base + "/worklist")
+            counts = {f: page.inner_text(f"[data-testid=filter-{f}] .counts") for f in ("all", "unreviewed", "disagreements", "refused")}
+            assert counts["all"] == "(13)" and counts["unreviewed"] == "(4)" and counts["refused"] == "(1)", counts
+        if w == 360 and role == "admin":
             # stacked rows: each cell says what it is, the doctor's reading column included
             assert page.locator(f"[data-testid=row-{ids[0]}] [data-testid=review-cell]").get_attribute("data-label") == WORDS[lang]["reading"]
             assert page.locator(f"[data-testid=row-{ids[0]}] [data-testid=review-cell]").is_visible()
