@@ -207,15 +207,17 @@ def breakdown(before: dict, after: dict, answers: int, cpu_s: float | None, wall
     from uplink_server.stages import per_answer
 
     ms = per_answer(before, after, answers)
+    cpu = per_answer(before, after, answers, "cpu_seconds")
     request = ms.pop("request", None)
-    parts = ", ".join(f"{k} {v:.1f}" for k, v in ms.items())
-    print(f"{'':8s} per answer (ms, web process): {parts}", flush=True)
+    cpu.pop("request", None)
+    print(f"{'':8s} per answer, wall ms (waits included): " + ", ".join(f"{k} {v:.1f}" for k, v in ms.items()), flush=True)
+    print(f"{'':8s} per answer, CPU ms of the stage's thread: " + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items()), flush=True)
     if request is not None:
         print(f"{'':8s} an upload's time on the server {request:.0f} ms (queue for the model included)", flush=True)
     if cpu_s is not None:
         print(f"{'':8s} web process CPU {1000 * cpu_s / max(1, answers):.1f} core-ms per answer "
               f"({cpu_s / wall:.2f} cores busy of {os.cpu_count()})", flush=True)
-    return {**ms, "request": request, "cpu_ms": None if cpu_s is None else 1000 * cpu_s / max(1, answers)}
+    return {"wall": ms, "cpu": cpu, "request": request, "cpu_ms": None if cpu_s is None else 1000 * cpu_s / max(1, answers)}
 
 
 def _py_spy(stack: Stack, args, name: str):
@@ -229,8 +231,23 @@ def _py_spy(stack: Stack, args, name: str):
         print(f"{'':8s} py-spy not installed (pip install py-spy): no profile", flush=True)
         return None
     return subprocess.Popen([exe, "record", "--pid", str(stack.procs[0].pid), "--duration", str(int(args.seconds)),
-                             "--rate", "50", "--subprocesses", "--nonblocking", "--output", f"{args.py_spy}-{name}.svg"],
+                             "--rate", "50", "--nonblocking", "--format", "raw", "--output", f"{args.py_spy}-{name}.txt"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def top_frames(collapsed: Path, n: int = 12) -> list[tuple[str, float]]:
+    """The functions where the sampled threads were (self time, idle waits left out), as shares of the samples."""
+    leaves = Counter()
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        leaf = stack.split(";")[-1]
+        if any(w in leaf for w in ("wait (", "select (", "epoll", "_wait_for_tstate_lock", "acquire (", "sleep")):
+            continue
+        leaves[re.sub(r" \(.*?([^/]+:\d+)\)$", r" (\1)", leaf)] += int(count)
+    total = sum(leaves.values()) or 1
+    return [(k, v / total) for k, v in leaves.most_common(n)]
 
 
 def audit_counts(stack: Stack) -> tuple[dict, Counter]:
@@ -271,7 +288,11 @@ def run(name: str, args, images, nodes=1, servers=0, local=False, kill=False) ->
         row["stages_ms"] = breakdown(stages0, stages1, codes.get(200, 0), None if cpu0 is None else cpu1 - cpu0, wall)
         if spy is not None:
             spy.wait(args.seconds + 30)
-            print(f"{'':8s} py-spy profile of the web process: {args.py_spy}-{name}.svg", flush=True)
+            out = Path(f"{args.py_spy}-{name}.txt")
+            if out.is_file():
+                print(f"{'':8s} py-spy, busy samples of the web process by function ({out}):", flush=True)
+                for frame, share in top_frames(out):
+                    print(f"{'':10s}{100 * share:5.1f} %  {frame}", flush=True)
         row.update(nodes=nodes, servers=servers, database="postgresql" if db else "sqlite")
         if kill:
             time.sleep(3)  # let redelivered jobs land
@@ -308,7 +329,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--scenarios", default="local,broker1,broker2,nodes2,kill")
     ap.add_argument("--model", default=None, help="model file for every server (default: the shipped one)")
-    ap.add_argument("--py-spy", default="", metavar="PREFIX", help="record the web process with py-spy to PREFIX-SCENARIO.svg")
+    ap.add_argument("--py-spy", default="", metavar="PREFIX",
+                    help="record the web process with py-spy (collapsed stacks in PREFIX-SCENARIO.txt) and print its top functions")
     args = ap.parse_args(argv)
     images = real_images()
     print(f"# {os.cpu_count()} cores; {args.clients} clients x {args.seconds:.0f} s; {len(images)} real X-rays; loopback")

@@ -209,9 +209,51 @@ def test_images_lose_their_metadata(gray):
     for data, key in ((jpeg, "exif"), (png, "png_text")):
         assert PHI[key].encode() in data
         image = decode(data)
-        out = deidentify.for_storage(image, "X", "k")
-        assert out.ext == ".png" and PHI[key].encode() not in out.data
+        for upload in (None, data):  # a re-encoded PNG of the pixels; the upload's own data, stripped
+            out = deidentify.for_storage(image, "X", "k", upload)
+            assert out.ext == ".png" and PHI[key].encode() not in out.data
+            assert np.array_equal(decode(out.data).gray, image.gray)  # the model sees the same pixels
+    # the PNG kept its own compressed pixels; EXIF or an animation take the re-encoding path
+    assert deidentify.strip_png(png) is not None and png.index(b"IDAT") > 0
+    for extra in (b"eXIf", b"acTL"):
+        import zlib
+
+        chunk = (4).to_bytes(4, "big") + extra + b"\0\0\0\0" + zlib.crc32(extra + b"\0\0\0\0").to_bytes(4, "big")
+        assert deidentify.strip_png(png[:33] + chunk + png[33:]) is None
+    assert deidentify.strip_png(png[:-20]) is None  # cut short
+
+
+def test_a_jpeg_without_exif_is_kept_as_its_own_compressed_data_without_metadata(gray, xray_paths):
+    """Real X-ray JPEGs, baseline and progressive, with a comment, XMP and an ICC profile planted: stored as the same
+    compressed data (the same pixels, bit for bit, and no re-encoding), every planted value gone. One with EXIF
+    takes the PNG path: its orientation has to be applied to the pixels."""
+    planted = PHI["exif"].encode()
+    for path in xray_paths["kermany_normal"][:2] + xray_paths["kermany_pneumonia"][:2]:
+        original = path.read_bytes()
+        out = deidentify.for_storage(decode(original), "X", "k", original)
+        assert out.ext == ".jpg" and out.format == "JPEG" and len(out.data) <= len(original)
+        assert np.array_equal(decode(out.data).gray, decode(original).gray)
+    for progressive in (False, True):
+        buf = io.BytesIO()
+        Image.fromarray(gray).save(buf, "JPEG", quality=90, progressive=progressive, comment=planted,
+                                   icc_profile=b"ICC-" + planted, xmp=b"<x:xmpmeta>" + planted + b"</x:xmpmeta>")
+        data = buf.getvalue() + b"trailing bytes after the end of image: " + planted
+        assert data.count(planted) == 4
+        image = decode(data)
+        out = deidentify.for_storage(image, "X", "k", data)
+        assert out.ext == ".jpg" and planted not in out.data and b"ICC-" not in out.data
         assert np.array_equal(decode(out.data).gray, image.gray)  # the model sees the same pixels
+        # the compressed scan data is the upload's own
+        scan = data[data.index(b"\xff\xda"):data.index(b"\xff\xd9")]
+        assert scan in out.data
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90": the stored pixels must be the turned ones
+    buf = io.BytesIO()
+    Image.fromarray(gray).save(buf, "JPEG", exif=exif)
+    image = decode(buf.getvalue())
+    out = deidentify.for_storage(image, "X", "k", buf.getvalue())
+    assert out.ext == ".png" and decode(out.data).gray.shape == image.gray.shape == gray.shape[::-1]
+    assert deidentify.strip_jpeg(buf.getvalue()[:-200]) is None  # cut short: not taken
 
 
 # --- refusals by content ----------------------------------------------------------------

@@ -12,6 +12,8 @@ import zipfile
 import numpy as np
 import pytest
 
+from uplink_server import deidentify
+
 from .test_imaging import make_dicom
 from .webapp_helpers import ADMIN, _run_client_in_thread, add_user, csrf_of, live_app, new_token, sign_in, wait_until
 
@@ -225,7 +227,9 @@ def test_model_server_disconnecting_mid_request(tmp_path, classifier, one_xray, 
                 await ws.send(json.dumps({"type": "hello", "name": "flaky", "capacity": 1}))
                 await ws.recv()
                 msg = json.loads(await ws.recv())
-                assert msg["type"] == "predict" and base64.b64decode(msg["data"])[:4] == b"\x89PNG"  # stored metadata-free
+                sent = base64.b64decode(msg["data"])
+                assert msg["type"] == "predict" and sent[:2] == b"\xff\xd8"  # the stored JPEG, metadata stripped
+                assert sent == deidentify.strip_jpeg(one_xray.read_bytes())
                 got_request.set()
                 # the link drops without an answer
 
@@ -344,9 +348,16 @@ def test_rotate_turns_the_stored_image_and_analyzes_again(app_local, xray_paths)
     before = np.asarray(Image.open(path))
     r = c.post(f"/cases/{case_id}/rotate", data={"csrf_token": csrf})
     assert r.status_code == 200 and str(r.url).endswith(f"/cases/{case_id}")
-    assert np.array_equal(np.asarray(Image.open(path)), np.rot90(before, -1))  # a quarter turn clockwise
     with app.state.SessionLocal() as db:
-        assert db.query(AuditLog).filter(AuditLog.action == "classify", AuditLog.case_id == case_id).count() == 2
+        turned = app.state.settings.upload_dir / db.get(Case, case_id).image_path
+    # a quarter turn clockwise, kept lossless (a stored JPEG becomes a PNG of the turned pixels, the JPEG goes)
+    assert np.array_equal(np.asarray(Image.open(turned)), np.rot90(before, -1))
+    assert (turned.suffix, path.exists()) == ((".png", False) if path.suffix == ".jpg" else (path.suffix, True))
+    r = c.post(f"/cases/{case_id}/rotate", data={"csrf_token": csrf, "turns": "2"})  # upside down: one press
+    assert np.array_equal(np.asarray(Image.open(turned)), np.rot90(before, -3))
+    assert c.post(f"/cases/{case_id}/rotate", data={"csrf_token": csrf, "turns": "5"}).status_code == 400
+    with app.state.SessionLocal() as db:
+        assert db.query(AuditLog).filter(AuditLog.action == "classify", AuditLog.case_id == case_id).count() == 3
     assert c.post(f"/cases/{case_id}/rotate", data={"csrf_token": "forged"}).status_code == 403
     dcm = make_dicom(np.asarray(Image.open(src).convert("L"))[:, :200])  # not square, so the turn shows
     r = c.post("/upload", data={"csrf_token": csrf, "patient_code": "ROT-2"}, files=[("files", ("b.dcm", dcm, "application/dicom"))])
@@ -375,3 +386,33 @@ def test_office_document_and_unreachable_broker_get_clear_answers(tmp_path, clas
         r = api.post("/api/v1/predict", files={"file": ("a.jpeg", one_xray.read_bytes(), "image/jpeg")})
         assert r.status_code == 200 and r.json()["served_by"] == "local"
         assert api.get("/api/v1/status").json()["broker"] is None
+
+
+def test_the_in_process_heatmap_is_drawn_on_first_view_and_matches_the_servers_picture(app_local, xray_paths, classifier):
+    """The upload keeps the class map (a few hundred bytes); the first view draws the same picture the model
+    would have drawn at upload time, keeps it, and a retry's new answer replaces both."""
+    from PIL import Image
+
+    from web_app.db import Case
+
+    app, base = app_local
+    c, csrf = sign_in(base)
+    src = xray_paths["kermany_pneumonia"][0]
+    r = c.post("/upload", data={"csrf_token": csrf, "patient_code": "HM-1"}, files=[("files", ("a.jpg", src.read_bytes(), "image/jpeg"))])
+    case_id = int(str(r.url).rsplit("/", 1)[1])
+    up = app.state.settings.upload_dir
+    with app.state.SessionLocal() as db:
+        kept = db.get(Case, case_id).heatmap_path
+    assert kept.endswith(".heatmap.npz") and (up / kept).stat().st_size < 2000
+    assert not (up / kept).with_suffix(".png").exists()  # nothing drawn yet
+    first = c.get(f"/cases/{case_id}/heatmap.png")
+    assert first.status_code == 200 and first.headers["content-type"] == "image/png"
+    drawn = (up / kept).with_suffix(".png")
+    assert drawn.read_bytes() == first.content and c.get(f"/cases/{case_id}/heatmap.png").content == first.content
+    direct = classifier.predict(src)  # the model drawing it at once, as a model server does
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(first.content))), np.asarray(Image.open(io.BytesIO(direct.heatmap_png))))
+    c.post(f"/cases/{case_id}/retry", data={"csrf_token": csrf})
+    with app.state.SessionLocal() as db:
+        again = db.get(Case, case_id).heatmap_path
+    assert again != kept and not (up / kept).exists() and not drawn.exists()  # the old map and its picture are gone
+    assert c.get(f"/cases/{case_id}/heatmap.png").status_code == 200

@@ -90,7 +90,7 @@ class DynamicBatcher:
             self._loop, self._queue = loop, asyncio.Queue()
             self._worker = loop.create_task(self._run_batches())
 
-    async def predict(self, source, name: str = "", heatmap: bool = True) -> Prediction:
+    async def predict(self, source, name: str = "", heatmap: bool | str = True) -> Prediction:
         """Classify one upload; concurrent calls are batched. Never raises on bad input."""
         self._ensure_worker()
         loop = asyncio.get_running_loop()

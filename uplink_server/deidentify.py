@@ -12,7 +12,11 @@ PatientIdentityRemoved / DeidentificationMethod(CodeSequence).
 
 Raster images (JPEG, PNG, ...) are stored as a lossless PNG of the decoded
 pixels, so EXIF, XMP, ICC profiles, text chunks and comments never reach the
-disk and the classifier sees exactly the pixels it would have seen.
+disk and the classifier sees exactly the pixels it would have seen. A JPEG
+without EXIF (what X-ray workstations export) is kept as its own compressed
+data with every application segment but JFIF's and Adobe's, and every comment,
+dropped; a PNG keeps only the chunks its pixels need: the same pixels, and no
+PNG encoding on the upload path (issue 25).
 
 Anything that cannot be de-identified raises a Refusal and must not be stored.
 """
@@ -89,17 +93,105 @@ class Stored:
     """What may be written to disk: de-identified bytes and their extension."""
 
     data: bytes
-    ext: str  # ".dcm" or ".png"
+    ext: str  # ".dcm", ".jpg" or ".png"
     format: str  # what the upload was, by content: DICOM, JPEG, PNG, ...
 
 
-def for_storage(image: DecodedImage, patient_code: str, uid_key: str) -> Stored:
-    """De-identified bytes of a decoded upload (see the module docstring)."""
+def for_storage(image: DecodedImage, patient_code: str, uid_key: str, data: bytes | None = None) -> Stored:
+    """De-identified bytes of a decoded upload (see the module docstring); ``data``, the upload's own bytes, lets a
+    JPEG keep its compressed data."""
     if image.dataset is not None:
         return Stored(deidentify_dicom(image.dataset, patient_code, uid_key), ".dcm", "DICOM")
     if image.pil is None:
         raise Refusal("deidentification_failed", "nothing decoded to store")
+    if data is not None and image.format in ("JPEG", "PNG"):
+        stripped = strip_jpeg(data) if image.format == "JPEG" else strip_png(data)
+        if stripped is not None:
+            return Stored(stripped, ".jpg" if image.format == "JPEG" else ".png", image.format)
     return Stored(clean_png(image.pil), ".png", image.format)
+
+
+# PNG chunks a stripped file keeps: what the pixels need. Text, EXIF, ICC, time and the rest go.
+_KEPT_PNG = {b"IHDR", b"PLTE", b"tRNS", b"IDAT", b"IEND"}
+
+
+def strip_png(data: bytes) -> bytes | None:
+    """The PNG's own compressed pixels with every other chunk dropped, or None where this does not apply (EXIF,
+    whose orientation must be applied; an animation; anything malformed)."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        return None
+    out, i, n = [data[:8]], 8, len(data)
+    while i + 12 <= n:
+        length = int.from_bytes(data[i:i + 4], "big")
+        kind = data[i + 4:i + 8]
+        end = i + 12 + length
+        if end > n:
+            return None
+        if kind in (b"eXIf", b"acTL"):
+            return None
+        if kind in _KEPT_PNG:
+            out.append(data[i:end])  # length, type, data and CRC as they came
+        i = end
+        if kind == b"IEND":
+            return b"".join(out)
+    return None
+
+
+# JPEG segments a stripped file keeps: APP0 (JFIF: version and pixel density) and APP14 (Adobe: the colour
+# transform, needed to decode some files); every other APPn (EXIF, XMP, ICC, vendor data) and COM go.
+_KEPT_APP = (0xE0, 0xEE)
+
+
+def strip_jpeg(data: bytes) -> bytes | None:
+    """The JPEG's compressed data with its metadata dropped, or None where the fast path does not apply (EXIF
+    present: its orientation must be applied to the pixels; anything the walk over the markers does not
+    understand). The pixels are untouched: no decoding, no re-encoding."""
+    n = len(data)
+    if data[:2] != b"\xff\xd8":
+        return None
+    out, i = [b"\xff\xd8"], 2
+    while i < n:
+        if data[i] != 0xFF:
+            return None
+        while i < n and data[i] == 0xFF:  # fill bytes before a marker
+            i += 1
+        if i >= n:
+            return None
+        marker = data[i]
+        i += 1
+        if marker == 0xD9:  # end of image: anything after it is dropped too
+            out.append(b"\xff\xd9")
+            return b"".join(out)
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # no length
+            out.append(bytes((0xFF, marker)))
+            continue
+        if i + 2 > n:
+            return None
+        end = i + int.from_bytes(data[i:i + 2], "big")
+        if end > n or end < i + 2:
+            return None
+        if marker == 0xE1 and data[i + 2:i + 8] == b"Exif\x00\x00":
+            return None
+        if not ((0xE0 <= marker <= 0xEF and marker not in _KEPT_APP) or marker == 0xFE):
+            out.append(bytes((0xFF, marker)) + data[i:end])
+        i = end
+        if marker == 0xDA:  # a scan: entropy-coded data up to the next marker that is not stuffing or a restart
+            j = i
+            while True:
+                j = data.find(b"\xff", j)
+                if j < 0 or j + 1 >= n:
+                    return None
+                nxt = data[j + 1]
+                if nxt == 0x00 or 0xD0 <= nxt <= 0xD7:
+                    j += 2
+                    continue
+                if nxt == 0xFF:
+                    j += 1
+                    continue
+                break
+            out.append(data[i:j])
+            i = j
+    return None
 
 
 # --- DICOM ------------------------------------------------------------------------

@@ -69,3 +69,19 @@ def to_png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=1)  # speed over a few kB
     return buf.getvalue()
+
+
+def save_map(path, cam: np.ndarray, box, shape) -> None:
+    """A class map kept to draw later (a few hundred bytes): the map, the box the model read, the image's shape."""
+    with open(path, "wb") as fh:
+        np.savez(fh, cam=cam.astype(np.float32), box=np.asarray(box if box is not None else (), np.int64),
+                 shape=np.asarray(shape, np.int64))
+
+
+def render(map_path, gray: np.ndarray) -> bytes:
+    """The heatmap PNG of a kept class map over the image it was computed on."""
+    with np.load(map_path) as z:
+        cam, box, shape = z["cam"], tuple(int(v) for v in z["box"]), tuple(int(v) for v in z["shape"])
+    if gray.shape != shape:  # the stored image was turned since: no heatmap of the old orientation over it
+        raise ValueError(f"the image is {gray.shape}, the map was made on {shape}")
+    return to_png(overlay(gray, cam, box=box or None))

@@ -58,6 +58,8 @@ class Prediction:
     ood_score: float | None = None
     heatmap: np.ndarray | None = None  # (H, W) in [0, 1] at the model's input size
     heatmap_png: bytes | None = None
+    heatmap_box: tuple | None = None  # where in the image the model looked (top, bottom, left, right)
+    heatmap_shape: tuple | None = None  # the image's (height, width) the box refers to
 
     @property
     def outcome(self) -> str:
@@ -297,9 +299,11 @@ class Classifier:
                 scores[idx] = self.gate.score(np.asarray(embs)[idx], np.stack([prepared[i].thumb for i in idx]))
         return scores
 
-    def finish(self, p: "Prepared", probs: np.ndarray, cam, ood_score: float | None = None, heatmap: bool = True,
+    def finish(self, p: "Prepared", probs: np.ndarray, cam, ood_score: float | None = None, heatmap: bool | str = True,
                heatmap_class: str | None = None) -> Prediction:
-        """The per-image work after the model ran: the refusal gate's verdict, label, heatmap."""
+        """The per-image work after the model ran: the refusal gate's verdict, label, heatmap. ``heatmap="map"``
+        keeps the class map and its box but draws no picture: a web app that draws it when first viewed spares
+        the upload the overlay and the PNG (``gradcam.render``)."""
         pred = p.pred
         if ood_score is not None and not np.isnan(ood_score):
             pred.ood_score = float(ood_score)
@@ -315,7 +319,11 @@ class Classifier:
         if heatmap and cam is not None:
             with stage("heatmap"):
                 pred.heatmap = gradcam.normalize_cam(cam[k if heatmap_class is None else self.classes.index(heatmap_class)])
-                shown = gradcam.overlay(p.image.gray, pred.heatmap, box=view_box(p.image.gray, self.spec))
+                pred.heatmap_box = tuple(int(v) for v in view_box(p.image.gray, self.spec))
+                pred.heatmap_shape = tuple(p.image.gray.shape)
+                if heatmap == "map":
+                    return pred
+                shown = gradcam.overlay(p.image.gray, pred.heatmap, box=pred.heatmap_box)
             with stage("png"):
                 pred.heatmap_png = gradcam.to_png(shown)
         return pred

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from model_training.labels import CLASSES
-from uplink_server import deidentify, drift
+from uplink_server import deidentify, drift, gradcam
 from uplink_server.errors import Refusal
 from uplink_server.imaging import DecodedImage, decode
 from uplink_server.stages import stage
@@ -195,7 +195,7 @@ def create_case(db: Session, settings: Settings, user: User, upload: Upload, pat
         with stage("decode"):
             image = decode(upload.data)
         with stage("deidentify"):
-            stored = deidentify.for_storage(image, patient_code, settings.deid_key)
+            stored = deidentify.for_storage(image, patient_code, settings.deid_key, upload.data)
     except Refusal as r:
         case.filename = f"case-{case.id}"
         case.status, case.refusal_code, case.refusal_message = "refused", r.code, r.message
@@ -339,6 +339,10 @@ def apply_outcome(db: Session, settings: Settings, job: Job, outcome: Outcome) -
             hp = f"{job.case_id}-{job.id[:12]}.heatmap.png"  # a repeated answer rewrites the same file
             (settings.upload_dir / hp).write_bytes(outcome.heatmap_png)
             values["heatmap_path"] = hp
+        elif outcome.heatmap_map is not None:  # drawn on first view (heatmap_png)
+            hp = f"{job.case_id}-{job.id[:12]}.heatmap.npz"
+            gradcam.save_map(settings.upload_dir / hp, *outcome.heatmap_map)
+            values["heatmap_path"] = hp
     if "heatmap_path" not in values:
         values["heatmap_path"] = None  # a refusal or an answer without one: no earlier heatmap stays on the case
     previous = db.scalar(select(Case.heatmap_path).where(Case.id == job.case_id))
@@ -352,7 +356,30 @@ def apply_outcome(db: Session, settings: Settings, job: Job, outcome: Outcome) -
     db.commit()
     if stale:
         (settings.upload_dir / stale).unlink(missing_ok=True)
+        (settings.upload_dir / stale).with_suffix(".png").unlink(missing_ok=True)  # a kept map's drawn picture
     return written
+
+
+def heatmap_png(settings: Settings, case: Case) -> Path | None:
+    """The case's heatmap picture: stored as drawn by a model server, or drawn from the kept class map over the
+    stored image on first view (and kept)."""
+    if not case.heatmap_path:
+        return None
+    path = settings.upload_dir / case.heatmap_path
+    if path.suffix == ".png":
+        return path if path.is_file() else None
+    png = path.with_suffix(".png")
+    if not png.is_file():
+        if not path.is_file() or not case.image_path:
+            return None
+        try:
+            data = gradcam.render(path, decode(settings.upload_dir / case.image_path).gray)
+        except (ValueError, OSError, Refusal):
+            return None
+        tmp = png.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(png)  # two first views at once: each writes whole, the last one stays
+    return png
 
 
 def result_writer(SessionLocal, settings: Settings):
@@ -433,7 +460,8 @@ def scrub_stored(db: Session, settings: Settings) -> dict:
         if not path.is_file():
             continue
         try:
-            stored = deidentify.for_storage(decode(path.read_bytes()), case.patient_code, settings.deid_key)
+            data = path.read_bytes()
+            stored = deidentify.for_storage(decode(data), case.patient_code, settings.deid_key, data)
         except Refusal as r:
             path.unlink()
             case.image_path, case.status, case.refusal_code, case.refusal_message = "", "refused", r.code, r.message
@@ -475,6 +503,11 @@ def rotate_stored(settings: Settings, case: Case, turns: int = 1) -> None:
             img.load()
             turned = img.transpose({1: Image.Transpose.ROTATE_270, 2: Image.Transpose.ROTATE_180,
                                     3: Image.Transpose.ROTATE_90}[turns])
-            turned.save(path, format="PNG", compress_level=1)
+        # a stored JPEG becomes a lossless PNG of the turned pixels (turning it as a JPEG would re-compress it)
+        new = path.with_suffix(".png")
+        turned.save(new, format="PNG", compress_level=1)
+        if new != path:
+            path.unlink()
+            case.image_path, case.filename = new.name, f"case-{case.id}.png"
     preview = settings.upload_dir / (Path(case.image_path).with_suffix("").name + ".preview.png")
     preview.unlink(missing_ok=True)  # made again on the next view

@@ -203,14 +203,15 @@ class DicomNode:
     async def _analyse(self, data: bytes, patient_code: str):
         from starlette.concurrency import run_in_threadpool
 
-        from .cases import Upload, analyse_upload
+        from .cases import Upload, analyse_upload, heatmap_png
         from .db import Case
 
         with self.SessionLocal() as db:
             user = await run_in_threadpool(node_user, db)
             case = await analyse_upload(db, self.settings, self.router, user, Upload("dicom-node.dcm", data), patient_code)
             case = db.get(Case, case.id)
-            heatmap = (self.settings.upload_dir / case.heatmap_path).read_bytes() if case.heatmap_path else None
+            picture = await run_in_threadpool(heatmap_png, self.settings, case)  # sent back to the PACS: drawn now
+            heatmap = picture.read_bytes() if picture is not None else None
             outcome = {"label": case.label, "probabilities": case.probabilities, "uncertain": case.uncertain,
                        "needs_read": case.triage_flag, "risk": case.risk, "model": case.model_name,
                        "version": case.model_version, "heatmap_png": heatmap}

@@ -50,6 +50,7 @@ class Outcome:
     result: dict  # Prediction.to_dict()
     heatmap_png: bytes | None
     served_by: str
+    heatmap_map: tuple | None = None  # (class map, box, image shape): the in-process model's, drawn on first view
 
 
 @dataclass
@@ -208,12 +209,14 @@ class ModelRouter:
                 log.warning("model server %s failed job %s: %s", body.get("served_by"), job.id, body["error"])
         if self.batcher is not None:
             try:
-                pred = await asyncio.wait_for(self.batcher.predict(data if decoded is None else decoded, filename),
-                                              self.queue_wait_s)
+                # the class map only: the picture is drawn when someone looks at it (most API uploads: never)
+                pred = await asyncio.wait_for(self.batcher.predict(data if decoded is None else decoded, filename,
+                                                                   heatmap="map"), self.queue_wait_s)
             except asyncio.TimeoutError:
                 self.refused_busy += 1
                 raise Saturated(f"the in-process model did not answer within {self.queue_wait_s:.0f} s") from None
-            return Outcome(pred.to_dict(), pred.heatmap_png, "local")
+            kept = (pred.heatmap, pred.heatmap_box, pred.heatmap_shape) if pred.heatmap is not None else None
+            return Outcome(pred.to_dict(), pred.heatmap_png, "local", kept)
         if (out := await self._try_uplinks(busy, data, filename)) is not None:
             return out
         raise ModelUnavailable("no model is available")

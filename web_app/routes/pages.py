@@ -28,6 +28,7 @@ from ..cases import (
     classify_case,
     expand_uploads,
     export_csv,
+    heatmap_png,
     preview_path,
     read_upload,
     rotate_stored,
@@ -259,12 +260,12 @@ async def case_image(case_id: int, request: Request, user: User = Depends(page_u
 
 
 @router.get("/cases/{case_id}/heatmap.png")
-def case_heatmap(case_id: int, request: Request, user: User = Depends(page_user), db: Session = Depends(get_db)):
+async def case_heatmap(case_id: int, request: Request, user: User = Depends(page_user), db: Session = Depends(get_db)):
     case = _get_case(db, user, case_id)
-    if not case.heatmap_path:
+    path = await run_in_threadpool(heatmap_png, request.app.state.settings, case)
+    if path is None:
         raise HTTPException(404)
-    return FileResponse(request.app.state.settings.upload_dir / case.heatmap_path, media_type="image/png",
-                        headers={"Cache-Control": "private, no-cache"})
+    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, no-cache"})
 
 
 def _filtered(db, user, q: str, date_from: str, date_to: str):
