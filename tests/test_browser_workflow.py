@@ -15,6 +15,7 @@ from PIL import Image
 
 from model_training.labels import CLASSES
 
+from .test_browser_doctor import _login
 from .webapp_helpers import ADMIN, add_user, live_app, new_token, sign_in, wait_js
 
 pytestmark = pytest.mark.browser
@@ -45,17 +46,6 @@ def _predict(c, auth, data: bytes, code: str, name: str = "film.png") -> dict:
 def _review(c, auth, case_id: int, reading: str, note: str = "") -> None:
     r = c.post(f"/api/v1/cases/{case_id}/review", json={"reading": reading, "note": note}, headers=auth)
     assert r.status_code == 201, r.text
-
-
-def _login(browser, base, w, h, lang, email, password):
-    ctx = browser.new_context(viewport={"width": w, "height": h}, locale="es-EC" if lang == "es" else "en-US")
-    page = ctx.new_page()
-    page.goto(base + "/login")
-    page.fill("input[name=email]", email)
-    page.fill("input[name=password]", password)
-    page.click("button[type=submit]")
-    page.wait_for_selector("[data-testid=file-input]")
-    return ctx, page
 
 
 def _fits(page, w: int, where: str) -> None:

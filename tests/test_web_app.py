@@ -403,7 +403,7 @@ def test_the_in_process_heatmap_is_drawn_on_first_view_and_matches_the_servers_p
     up = app.state.settings.upload_dir
     with app.state.SessionLocal() as db:
         kept = db.get(Case, case_id).heatmap_path
-    assert kept.endswith(".heatmap.npz") and (up / kept).stat().st_size < 2000
+    assert kept.endswith(".heatmap.json") and (up / kept).stat().st_size < 8000
     assert not (up / kept).with_suffix(".png").exists()  # nothing drawn yet
     first = c.get(f"/cases/{case_id}/heatmap.png")
     assert first.status_code == 200 and first.headers["content-type"] == "image/png"

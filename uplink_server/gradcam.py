@@ -72,16 +72,22 @@ def to_png(img: Image.Image) -> bytes:
 
 
 def save_map(path, cam: np.ndarray, box, shape) -> None:
-    """A class map kept to draw later (a few hundred bytes): the map, the box the model read, the image's shape."""
-    with open(path, "wb") as fh:
-        np.savez(fh, cam=cam.astype(np.float32), box=np.asarray(box if box is not None else (), np.int64),
-                 shape=np.asarray(shape, np.int64))
+    """A class map kept to draw later (a few hundred bytes of JSON: cheaper to write than any archive): the map,
+    the box the model read, the image's shape."""
+    import json
+
+    with open(path, "w") as fh:
+        json.dump({"cam": cam.astype(np.float64).tolist(), "box": list(box) if box is not None else None,
+                   "shape": list(shape)}, fh)
 
 
 def render(map_path, gray: np.ndarray) -> bytes:
     """The heatmap PNG of a kept class map over the image it was computed on."""
-    with np.load(map_path) as z:
-        cam, box, shape = z["cam"], tuple(int(v) for v in z["box"]), tuple(int(v) for v in z["shape"])
-    if gray.shape != shape:  # the stored image was turned since: no heatmap of the old orientation over it
-        raise ValueError(f"the image is {gray.shape}, the map was made on {shape}")
-    return to_png(overlay(gray, cam, box=box or None))
+    import json
+
+    with open(map_path) as fh:
+        kept = json.load(fh)
+    if list(gray.shape) != kept["shape"]:  # the stored image was turned since: no map of the old orientation on it
+        raise ValueError(f"the image is {gray.shape}, the map was made on {kept['shape']}")
+    box = tuple(kept["box"]) if kept["box"] is not None else None
+    return to_png(overlay(gray, np.asarray(kept["cam"], np.float32), box=box))

@@ -340,7 +340,7 @@ def apply_outcome(db: Session, settings: Settings, job: Job, outcome: Outcome) -
             (settings.upload_dir / hp).write_bytes(outcome.heatmap_png)
             values["heatmap_path"] = hp
         elif outcome.heatmap_map is not None:  # drawn on first view (heatmap_png)
-            hp = f"{job.case_id}-{job.id[:12]}.heatmap.npz"
+            hp = f"{job.case_id}-{job.id[:12]}.heatmap.json"
             gradcam.save_map(settings.upload_dir / hp, *outcome.heatmap_map)
             values["heatmap_path"] = hp
     if "heatmap_path" not in values:
