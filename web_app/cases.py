@@ -185,10 +185,9 @@ def create_case(db: Session, settings: Settings, user: User, upload: Upload, pat
     """
     check_patient_codes(patient_code)
     patient_code = (patient_code or "").strip()
-    case = Case(patient_code=patient_code, created_by=user.id, filename="", status="pending", uncertain=False,
-                job_id=uuid.uuid4().hex)
-    db.add(case)
-    db.flush()  # the id names the stored file
+    # decode, de-identify and write the file before touching the database: SQLite takes its one write lock at the
+    # first INSERT and holds it to the commit, and every other upload's writer sleeps (1, 2, 5 ... 100 ms) meanwhile
+    refusal = stored = image = incoming = None
     try:
         if len(upload.data) > settings.max_upload_mb * 1024 * 1024:
             raise Refusal("file_too_large")
@@ -197,23 +196,37 @@ def create_case(db: Session, settings: Settings, user: User, upload: Upload, pat
         with stage("deidentify"):
             stored = deidentify.for_storage(image, patient_code, settings.deid_key, upload.data)
     except Refusal as r:
-        case.filename = f"case-{case.id}"
-        case.status, case.refusal_code, case.refusal_message = "refused", r.code, r.message
-        case.job_id = None
-        db.add(AuditLog(user_id=user.id, action="upload", case_id=case.id,
-                        detail={"refused": r.code, "bytes": len(upload.data)}))
-        db.commit()
-        return case
-    stem = f"{case.id}-{uuid.uuid4().hex[:12]}"
-    with stage("store"):
-        (settings.upload_dir / f"{stem}{stored.ext}").write_bytes(stored.data)
+        refusal = r
+    if stored is not None:
+        incoming = settings.upload_dir / f"incoming-{uuid.uuid4().hex}{stored.ext}"
+        with stage("store"):
+            incoming.write_bytes(stored.data)
+    try:
+        with stage("database"):
+            case = Case(patient_code=patient_code, created_by=user.id, filename="", status="pending", uncertain=False,
+                        job_id=uuid.uuid4().hex)
+            db.add(case)
+            db.flush()  # the id names the stored file
+            if refusal is not None:
+                case.filename = f"case-{case.id}"
+                case.status, case.refusal_code, case.refusal_message = "refused", refusal.code, refusal.message
+                case.job_id = None
+                db.add(AuditLog(user_id=user.id, action="upload", case_id=case.id,
+                                detail={"refused": refusal.code, "bytes": len(upload.data)}))
+                db.commit()
+                return case
+            name = f"{case.id}-{uuid.uuid4().hex[:12]}{stored.ext}"
+            incoming = incoming.replace(settings.upload_dir / name)
+            case.image_stats = drift.image_statistics(image.gray)
+            case.image_path, case.filename = name, f"case-{case.id}{stored.ext}"
+            db.add(AuditLog(user_id=user.id, action="upload", case_id=case.id,
+                            detail={"format": stored.format, "bytes": len(upload.data)}))
+            db.commit()
+    except BaseException:
+        if incoming is not None:
+            incoming.unlink(missing_ok=True)  # no case names it: nothing of the upload stays
+        raise
     case.decoded = image  # not stored: spares the in-process model decoding the same pixels again
-    case.image_stats = drift.image_statistics(image.gray)
-    case.image_path, case.filename = f"{stem}{stored.ext}", f"case-{case.id}{stored.ext}"
-    db.add(AuditLog(user_id=user.id, action="upload", case_id=case.id,
-                    detail={"format": stored.format, "bytes": len(upload.data)}))
-    with stage("database"):
-        db.commit()
     return case
 
 
