@@ -389,9 +389,9 @@ def heatmap_png(settings: Settings, case: Case) -> Path | None:
             data = gradcam.render(path, decode(settings.upload_dir / case.image_path).gray)
         except (ValueError, OSError, Refusal):
             return None
-        tmp = png.with_suffix(".tmp")
+        tmp = png.with_name(f"{png.name}.{uuid.uuid4().hex[:8]}.tmp")
         tmp.write_bytes(data)
-        tmp.replace(png)  # two first views at once: each writes whole, the last one stays
+        tmp.replace(png)  # two first views at once: each writes a file of its own whole, the last one stays
     return png
 
 
