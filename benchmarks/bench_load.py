@@ -230,9 +230,32 @@ def _py_spy(stack: Stack, args, name: str):
     if exe is None:
         print(f"{'':8s} py-spy not installed (pip install py-spy): no profile", flush=True)
         return None
+    # --gil: only the thread holding Python's GIL is sampled, so the shares say what one process's Python can do
     return subprocess.Popen([exe, "record", "--pid", str(stack.procs[0].pid), "--duration", str(int(args.seconds)),
-                             "--rate", "50", "--nonblocking", "--format", "raw", "--output", f"{args.py_spy}-{name}.txt"],
+                             "--rate", "50", "--nonblocking", "--format", "raw", "--output", f"{args.py_spy}-{name}.txt",
+                             *(["--gil"] if args.gil else [])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _library(frame: str) -> str:
+    """The package a sampled frame's file belongs to: "sqlalchemy/orm/session.py:12" -> sqlalchemy, this project's
+    folders by name, a bare "threading.py" -> stdlib."""
+    m = re.search(r"\(([^()]*?):\d+\)$", frame)
+    path = m.group(1) if m else ""
+    if "/" in path:
+        return path.split("site-packages/")[-1].split("/")[0]
+    return "stdlib" if path.endswith(".py") else "other"
+
+
+def top_libraries(collapsed: Path, n: int = 12) -> list[tuple[str, float]]:
+    """Samples by the library of their innermost Python frame, as shares (with --gil: of the GIL's time)."""
+    libs = Counter()
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            libs[_library(stack.split(";")[-1])] += int(count)
+    total = sum(libs.values()) or 1
+    return [(k, v / total) for k, v in libs.most_common(n)]
 
 
 def top_frames(collapsed: Path, n: int = 12) -> list[tuple[str, float]]:
@@ -293,6 +316,9 @@ def run(name: str, args, images, nodes=1, servers=0, local=False, kill=False) ->
                 print(f"{'':8s} py-spy, busy samples of the web process by function ({out}):", flush=True)
                 for frame, share in top_frames(out):
                     print(f"{'':10s}{100 * share:5.1f} %  {frame}", flush=True)
+                print(f"{'':8s} the same samples by library:", flush=True)
+                for lib, share in top_libraries(out):
+                    print(f"{'':10s}{100 * share:5.1f} %  {lib}", flush=True)
         row.update(nodes=nodes, servers=servers, database="postgresql" if db else "sqlite")
         if kill:
             time.sleep(3)  # let redelivered jobs land
@@ -329,6 +355,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--scenarios", default="local,broker1,broker2,nodes2,kill")
     ap.add_argument("--model", default=None, help="model file for every server (default: the shipped one)")
+    ap.add_argument("--gil", action="store_true", help="with --py-spy: sample only the thread holding the GIL")
     ap.add_argument("--py-spy", default="", metavar="PREFIX",
                     help="record the web process with py-spy (collapsed stacks in PREFIX-SCENARIO.txt) and print its top functions")
     args = ap.parse_args(argv)

@@ -125,3 +125,35 @@ def test_the_serving_breakdown_counts_every_stage_of_an_upload(tmp_path, classif
         add_user(c, csrf, "tech@x.org", "technician")
         t, tcsrf = sign_in(base, "tech@x.org", "user-pass-123")
         assert t.get("/api/v1/stages", headers={"Authorization": f"Bearer {new_token(t, tcsrf)}"}).status_code == 403
+
+
+def test_an_upload_makes_no_database_query_on_the_event_loop(tmp_path, classifier, one_xray):
+    """A query on the event loop stops every other request while it runs (and waits for SQLite's write lock);
+    an upload's reply (accepted or refused) must read what the worker threads loaded."""
+    import asyncio
+
+    from sqlalchemy import event
+
+    with live_app(tmp_path / "data", classifier=classifier) as (app, base):
+        c, csrf = sign_in(base)
+        tok = new_token(c, csrf)
+        engine = app.state.SessionLocal.kw["bind"]
+        on_loop = []
+
+        def record(_conn, _cursor, statement, *_):
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                return  # a worker thread
+            on_loop.append(statement.split("\n")[0][:80])
+
+        event.listen(engine, "before_cursor_execute", record)
+        h = {"Authorization": f"Bearer {tok}"}
+        ok = httpx.post(f"{base}/api/v1/predict", files={"file": ("a.jpeg", one_xray.read_bytes(), "image/jpeg")},
+                        headers=h, timeout=120)
+        refused = httpx.post(f"{base}/api/v1/predict", files={"file": ("b.png", b"\x89PNG\r\n\x1a\n broken", "image/png")},
+                             headers=h, timeout=120)
+        event.remove(engine, "before_cursor_execute", record)
+        assert ok.status_code == 200 and ok.json()["created_by"] and ok.json()["review"] is None
+        assert refused.status_code >= 400 and refused.json()["refused"] and refused.json()["created_by"]
+        assert on_loop == []

@@ -160,9 +160,15 @@ def test_model_unavailable_keeps_the_upload(tmp_path, one_xray, tiny_model):
         page = c.get(f"/cases/{case_id}").text
         assert "No model is available right now" in page
         # a model becomes available; the kept image is classified on retry
+        from web_app.db import Case
+
+        with app.state.SessionLocal() as db:
+            assert db.get(Case, case_id).attempts == 1  # the try at upload, counted in the insert itself
         app.state.router.local = Classifier(tiny_model)
         r = api.post(f"/api/v1/cases/{case_id}/retry")
         assert r.status_code == 200 and r.json()["status"] == "done"
+        with app.state.SessionLocal() as db:
+            assert db.get(Case, case_id).attempts == 2
 
 
 # --- uplinks ---------------------------------------------------------------------

@@ -62,7 +62,7 @@ def load_local_model(settings: Settings):
     from uplink_server.model import Classifier, ModelNotFound
 
     try:
-        return Classifier(settings.model_path)
+        return Classifier(settings.model_path, threads=settings.model_threads or None)
     except ModelNotFound as exc:
         log.warning("no in-process model: %s", exc)
         print(f"warning: no in-process model ({exc}); waiting for model servers to connect", flush=True)

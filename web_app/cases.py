@@ -14,6 +14,7 @@ from pathlib import Path
 from PIL import Image
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 from starlette.concurrency import run_in_threadpool
 
 from model_training.labels import CLASSES
@@ -201,10 +202,12 @@ def create_case(db: Session, settings: Settings, user: User, upload: Upload, pat
         incoming = settings.upload_dir / f"incoming-{uuid.uuid4().hex}{stored.ext}"
         with stage("store"):
             incoming.write_bytes(stored.data)
+            image_stats = drift.image_statistics(image.gray)  # milliseconds on a large film: not under the write lock
     try:
         with stage("database"):
+            # attempts=1: analyse_upload tries it at once, and counting that try here spares a write transaction
             case = Case(patient_code=patient_code, created_by=user.id, filename="", status="pending", uncertain=False,
-                        job_id=uuid.uuid4().hex)
+                        job_id=uuid.uuid4().hex, attempts=None if refusal is not None else 1)
             db.add(case)
             db.flush()  # the id names the stored file
             if refusal is not None:
@@ -214,10 +217,11 @@ def create_case(db: Session, settings: Settings, user: User, upload: Upload, pat
                 db.add(AuditLog(user_id=user.id, action="upload", case_id=case.id,
                                 detail={"refused": refusal.code, "bytes": len(upload.data)}))
                 db.commit()
+                _as_inserted(case, user)
                 return case
             name = f"{case.id}-{uuid.uuid4().hex[:12]}{stored.ext}"
             incoming = incoming.replace(settings.upload_dir / name)
-            case.image_stats = drift.image_statistics(image.gray)
+            case.image_stats = image_stats
             case.image_path, case.filename = name, f"case-{case.id}{stored.ext}"
             db.add(AuditLog(user_id=user.id, action="upload", case_id=case.id,
                             detail={"format": stored.format, "bytes": len(upload.data)}))
@@ -226,8 +230,18 @@ def create_case(db: Session, settings: Settings, user: User, upload: Upload, pat
         if incoming is not None:
             incoming.unlink(missing_ok=True)  # no case names it: nothing of the upload stays
         raise
+    _as_inserted(case, user)
     case.decoded = image  # not stored: spares the in-process model decoding the same pixels again
+    case.stored_data = stored.data  # the stored file's bytes: spares reading it back
+    case.attempt_counted = True
     return case
+
+
+def _as_inserted(case: Case, user: User) -> None:
+    """What the reply reads (case_dict, on the event loop, where a query would block every other request), known
+    without a query for a case this moment inserted: its creator, and no reviews yet."""
+    set_committed_value(case, "creator", user)
+    set_committed_value(case, "reviews", [])
 
 
 async def classify_case(db: Session, settings: Settings, router: ModelRouter, case: Case, user: User | None) -> Case:
@@ -242,13 +256,18 @@ async def classify_case(db: Session, settings: Settings, router: ModelRouter, ca
     """
     if not case.image_path:
         return case
-    data = await run_in_threadpool((settings.upload_dir / case.image_path).read_bytes)
+    data = getattr(case, "stored_data", None)
+    if data is None:
+        data = await run_in_threadpool((settings.upload_dir / case.image_path).read_bytes)
     if case.job_id is None:  # a retry of an answered case: a new attempt
         case.job_id = uuid.uuid4().hex
-    case.attempts = (case.attempts or 0) + 1
+    if not getattr(case, "attempt_counted", False):
+        case.attempts = (case.attempts or 0) + 1
+    case.attempt_counted = False  # a Retry of this same object is a new try
     case_id = case.id
     decoded = getattr(case, "decoded", None)
-    await run_in_threadpool(db.commit)  # ends the transaction: the connection goes back to the pool
+    if db.dirty or db.in_transaction():  # a fresh upload's session has nothing open: no hop to a thread for nothing
+        await run_in_threadpool(db.commit)  # ends the transaction: the connection goes back to the pool
     job = Job(case.job_id, case_id, user.id if user is not None else None)
     try:
         # the stored file holds the same pixels as the upload decoded moments ago
@@ -264,6 +283,7 @@ async def classify_case(db: Session, settings: Settings, router: ModelRouter, ca
         with stage("database"):  # the heatmap's file write included: a few hundred microseconds
             apply_outcome(db, settings, job, outcome)
             db.refresh(case)
+            case.reviews  # loaded here, in this thread: the reply reads it on the event loop, where a query would block
         return case
 
     return await run_in_threadpool(write)
@@ -359,7 +379,10 @@ def apply_outcome(db: Session, settings: Settings, job: Job, outcome: Outcome) -
     if "heatmap_path" not in values:
         values["heatmap_path"] = None  # a refusal or an answer without one: no earlier heatmap stays on the case
     previous = db.scalar(select(Case.heatmap_path).where(Case.id == job.case_id))
-    written = db.execute(update(Case).where(Case.id == job.case_id, Case.job_id == job.id).values(**values)).rowcount == 1
+    # synchronize_session=False: callers refresh the case after the commit, so matching the session's objects against
+    # the criteria in Python would be work under the write lock that nothing reads
+    written = db.execute(update(Case).where(Case.id == job.case_id, Case.job_id == job.id).values(**values)
+                         .execution_options(synchronize_session=False)).rowcount == 1
     # after the commit, the file no row names any more: a retry's replaced heatmap, or an answer nobody waits for
     stale = (previous if written else values["heatmap_path"]) if previous != values["heatmap_path"] else None
     if written:
