@@ -116,15 +116,21 @@ class CXRNet(nn.Module):
 def create_model(name: str = DEFAULT_ARCH, num_classes: int = 3, pretrained: str = "none", dropout: float = 0.2) -> tuple[CXRNet, ArchSpec]:
     """Build a registered (or any timm) architecture with ``num_classes`` outputs.
 
-    ``pretrained``: ``none``, ``imagenet`` or a path to a state dict/checkpoint.
+    ``pretrained``: ``none``, ``imagenet``, a path to a state dict/checkpoint, or an exported ``.onnx`` model of
+    this architecture and class count (every weight, the classifier too: see model_training.onnx_weights).
     """
     import timm
 
     spec = get_spec(name)
     backbone = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, global_pool="")
-    if pretrained and pretrained != "none":
+    from_onnx = bool(pretrained) and str(pretrained).endswith(".onnx")
+    if pretrained and pretrained != "none" and not from_onnx:
         from .pretrained import load_pretrained
 
         load_pretrained(backbone, spec, pretrained)
     model = CXRNet(backbone, backbone.num_features, num_classes, dropout)
+    if from_onnx:
+        from .onnx_weights import load_onnx_weights
+
+        load_onnx_weights(model, pretrained)
     return model, spec

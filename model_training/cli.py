@@ -18,14 +18,16 @@ def _add_train_args(p: argparse.ArgumentParser, compare: bool = False) -> None:
         p.add_argument("--arch", default=d.arch, help=f"architecture (default {d.arch}); see `archs`")
         p.add_argument("--epochs", type=int, default=d.epochs)
         p.add_argument("--out", default=d.out, help="run folder")
-    p.add_argument("--pretrained", default=d.pretrained, help="imagenet | none | PATH to a state dict or checkpoint")
+    p.add_argument("--pretrained", default=d.pretrained, help="imagenet | none | PATH to a state dict or checkpoint | an exported .onnx model "
+                   "of this architecture and classes, to train on from where it stopped (with --frozen-bn all)")
     p.add_argument("--img-size", type=int, default=None, help="square input size (default: the architecture's native size)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr, help="learning rate of the new head")
     p.add_argument("--backbone-lr", type=float, default=d.backbone_lr, help="learning rate of fine-tuned blocks")
     p.add_argument("--freeze-epochs", type=int, default=None, help="epochs with the backbone frozen (feature extractor); default 1 when pretrained")
-    p.add_argument("--frozen-bn", default=d.frozen_bn, choices=["imagenet", "adapt"],
-                   help="BatchNorm statistics of frozen layers: keep ImageNet's, or adapt them to the X-rays")
+    p.add_argument("--frozen-bn", default=d.frozen_bn, choices=["imagenet", "adapt", "all"],
+                   help="BatchNorm statistics of frozen layers: keep ImageNet's, or adapt them to the X-rays; "
+                        "all: every layer keeps its statistics (needed to continue from an .onnx model)")
     p.add_argument("--finetune-blocks", type=int, default=d.finetune_blocks, help="top backbone blocks to fine-tune after the frozen phase (-1 all, 0 none)")
     p.add_argument("--augment", default=d.augment, help="none | study | default | robust | framing | resolution | key=value,... (rotation, shift, shear, zoom, zoom_in, hflip, brightness, contrast, gamma, blur, lowres)")
     p.add_argument("--balance", choices=["weights", "sampler", "group", "source", "none"], default=d.balance,

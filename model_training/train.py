@@ -216,8 +216,11 @@ def _build(cfg: TrainConfig, records: list[Record], classes: list[str], pretrain
 
 def train(cfg: TrainConfig) -> Path:
     # settings that cannot work fail before the data checks and the model download, not after
-    if cfg.frozen_bn not in ("imagenet", "adapt"):
-        raise DataError(f"--frozen-bn {cfg.frozen_bn!r}: use imagenet or adapt")
+    if cfg.frozen_bn not in ("imagenet", "adapt", "all"):
+        raise DataError(f"--frozen-bn {cfg.frozen_bn!r}: use imagenet, adapt or all")
+    if str(cfg.pretrained).endswith(".onnx") and cfg.frozen_bn != "all":
+        # its BatchNorms are identities over folded kernels (model_training.onnx_weights): batch statistics would undo it
+        raise DataError(f"--pretrained {cfg.pretrained}: continuing from an exported model needs --frozen-bn all")
     if cfg.pretrained == "none" and cfg.finetune_blocks == 0:
         raise DataError("--pretrained none with --finetune-blocks 0 would train only a linear layer on random features")
     out = Path(cfg.out)
@@ -267,6 +270,10 @@ def train(cfg: TrainConfig) -> Path:
         model.train()
         if cfg.frozen_bn == "imagenet":
             _keep_frozen_bn_eval(model)
+        elif cfg.frozen_bn == "all":  # every BatchNorm keeps its statistics; its scale and shift still learn
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         t_ep = time.time()
         tot_loss, tot_ok, tot_n = 0.0, 0, 0
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.epochs} [{phase}]", disable=not cfg.progress)

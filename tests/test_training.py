@@ -275,7 +275,7 @@ def test_impossible_training_settings_fail_before_any_data_is_read(tmp_path):
     from model_training.datasets import DataError
     from model_training.train import TrainConfig, train
 
-    with pytest.raises(DataError, match="use imagenet or adapt"):
+    with pytest.raises(DataError, match="use imagenet, adapt or all"):
         train(TrainConfig(data=[str(tmp_path / "no-such-folder")], frozen_bn="batch", out=str(tmp_path / "run")))
     with pytest.raises(DataError, match="only a linear layer"):
         train(TrainConfig(data=[str(tmp_path / "no-such-folder")], pretrained="none", finetune_blocks=0, out=str(tmp_path / "run")))
@@ -331,6 +331,58 @@ def test_onnx_matches_torch_on_real_images(tiny_run, xray_paths):
         ref = model(torch.from_numpy(x)).numpy()
     got = ort.InferenceSession(str(tiny_run / "model.onnx")).run(["logits"], {"input": x})[0]
     assert np.abs(ref - got).max() < 1e-4
+
+
+def test_an_exported_model_loads_back_into_its_network(tiny_run, xray_paths):
+    """Every weight of a shipped ONNX file (BatchNorms folded into the convolutions) back in the torch network: it
+    computes what the file computes, so a later session can train on from it."""
+    import onnxruntime as ort
+
+    from model_training.architectures import create_model
+    from model_training.pretrained import PretrainedError
+    from uplink_server.imaging import decode
+    from uplink_server.preprocessing import PreprocessSpec, preprocess
+
+    onnx_path = tiny_run / "model.onnx"
+    model, _ = create_model("efficientnet_lite0", 3, str(onnx_path))
+    model.eval()
+    x = np.stack([preprocess(decode(p).gray, PreprocessSpec(size=(64, 64)))
+                  for p in xray_paths["covid"] + xray_paths["kermany_normal"]])
+    with torch.no_grad():
+        got = model(torch.from_numpy(x)).numpy()
+    ref = ort.InferenceSession(str(onnx_path)).run(["logits"], {"input": x})[0]
+    assert np.abs(ref - got).max() < 1e-4
+    fresh, _ = create_model("efficientnet_lite0", 3, "none")
+    with torch.no_grad():
+        assert np.abs(fresh.eval()(torch.from_numpy(x)).numpy() - ref).max() > 1e-2  # the match is the weights'
+    with pytest.raises(PretrainedError, match="classifier is 3 classes"):
+        create_model("efficientnet_lite0", 4, str(onnx_path))
+    with pytest.raises(PretrainedError, match="not this architecture|has shape"):
+        create_model("efficientnet_lite2", 3, str(onnx_path))
+
+
+def test_training_continues_from_an_exported_model(tiny_run, tmp_path):
+    from torch import nn
+
+    from model_training.architectures import create_model
+    from model_training.datasets import DataError
+    from model_training.train import TrainConfig, train
+
+    onnx_path = str(tiny_run / "model.onnx")
+    with pytest.raises(DataError, match="needs --frozen-bn all"):
+        train(TrainConfig(data=["mix"], pretrained=onnx_path, out=str(tmp_path / "no")))
+    out = tmp_path / "run"
+    assert main(["train", "--data", "mix", "--pretrained", onnx_path, "--frozen-bn", "all", "--img-size", "64",
+                 "--epochs", "1", "--limit", "24", "--batch-size", "8", "--workers", "0", "--freeze-epochs", "0",
+                 "--out", str(out), "--no-progress"]) == 0
+    state = torch.load(out / "best.pt", map_location="cpu", weights_only=False)["state_dict"]
+    start, _ = create_model("efficientnet_lite0", 3, onnx_path)
+    bn = [n for n, m in start.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    # statistics stay the identity the folding needs; the weights moved on from where the model stopped
+    assert all(torch.count_nonzero(state[f"{n}.running_mean"]) == 0 for n in bn)
+    conv = next(n for n, m in start.named_modules() if isinstance(m, nn.Conv2d))
+    assert not torch.equal(state[f"{conv}.weight"], start.get_submodule(conv).weight)
+    assert (out / "model.onnx").is_file()
 
 
 def test_training_and_serving_preprocess_identically(tiny_run, xray_paths):
