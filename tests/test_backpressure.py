@@ -100,6 +100,29 @@ def test_a_case_left_pending_by_a_crash_says_why_and_resumes(tmp_path, classifie
         assert wait_until(lambda: c.get(f"/api/v1/cases/{case_id}", headers={"X-CSRF-Token": ""}).json()["status"] == "done", 60)
 
 
+def test_the_resumer_leaves_a_case_being_analysed_alone(tmp_path, one_xray):
+    """A case this process is analysing is pending with no reason, as one a crash left: the resumer must not take
+    it (it sent it again under the same job id, and the first request's wait for the answer ran out)."""
+    from web_app import cases
+    from web_app.db import Case
+
+    with live_app(tmp_path / "data", classifier=None, resume_interval_s=3600) as (app, base):
+        c, csrf = sign_in(base)
+        case_id = _burst(base, new_token(c, csrf), one_xray.read_bytes(), 1)[0].json()["case_id"]
+        with app.state.SessionLocal() as db:
+            case = db.get(Case, case_id)
+            case.refusal_code, case.refusal_message = None, None  # as while its model runs
+            db.commit()
+            cases._in_flight.add(case_id)
+            try:
+                assert case_id not in [x.id for x in cases.resumable(db, 10)]
+                assert db.get(Case, case_id).refusal_code is None  # not called interrupted either
+            finally:
+                cases._in_flight.discard(case_id)
+            assert case_id in [x.id for x in cases.resumable(db, 10)]
+            assert db.get(Case, case_id).refusal_code == "interrupted"
+
+
 def test_the_serving_breakdown_counts_every_stage_of_an_upload(tmp_path, classifier, one_xray):
     """GET /api/v1/stages: what bench_load turns into milliseconds per answer. Ten uploads through the API pass
     each stage of the path ten times (decode once: the model takes the pixels decoded at upload; no PNG: the
@@ -157,3 +180,35 @@ def test_an_upload_makes_no_database_query_on_the_event_loop(tmp_path, classifie
         assert ok.status_code == 200 and ok.json()["created_by"] and ok.json()["review"] is None
         assert refused.status_code >= 400 and refused.json()["refused"] and refused.json()["created_by"]
         assert on_loop == []
+
+
+def test_an_upload_reads_nothing_back_after_writing_its_result(tmp_path, classifier, one_xray):
+    """The answer's UPDATE is the upload's last statement but the audit row: the reply is built from the values
+    written (no refresh of the case, no heatmap lookup for a case inserted moments ago), and says what the
+    database says."""
+    from sqlalchemy import event
+
+    with live_app(tmp_path / "data", classifier=classifier) as (app, base):
+        c, csrf = sign_in(base)
+        h = {"Authorization": f"Bearer {new_token(c, csrf)}"}
+        engine = app.state.SessionLocal.kw["bind"]
+        statements = []
+
+        def record(_conn, _cursor, statement, *_):
+            statements.append(" ".join(statement.split())[:200])
+
+        event.listen(engine, "before_cursor_execute", record)
+        ok = httpx.post(f"{base}/api/v1/predict", files={"file": ("a.jpeg", one_xray.read_bytes(), "image/jpeg")},
+                        headers=h, timeout=120)
+        event.remove(engine, "before_cursor_execute", record)
+        assert ok.status_code == 200, ok.text
+        update = [i for i, s in enumerate(statements) if s.startswith("UPDATE cases SET") and " label=" in s]
+        assert len(update) == 1, "\n".join(statements)
+        after = statements[update[0] + 1:]
+        assert [s for s in after if s.startswith("SELECT")] == [], after
+        before = statements[:update[0]]
+        assert not [s for s in before if s.startswith("SELECT cases.heatmap_path")], before
+        stored = httpx.get(f"{base}/api/v1/cases/{ok.json()['case_id']}", headers=h, timeout=30).json()
+        for key in ("status", "label", "probabilities", "uncertain", "risk", "triage", "model", "model_version",
+                    "served_by", "created_by", "refusal", "review"):
+            assert ok.json()[key] == stored[key], key

@@ -18,6 +18,24 @@ def _engine(tmp_path):
     return engine
 
 
+def _all_at_once(fn, n: int) -> list:
+    """fn(0) ... fn(n - 1) on n threads at once; the exceptions they raised."""
+    errors = []
+
+    def run(k):
+        try:
+            fn(k)
+        except Exception as exc:  # noqa: BLE001 - returned to the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return errors
+
+
 def _count(engine) -> int:
     with engine.connect() as c:
         return c.execute(text("SELECT count(*) FROM t")).scalar()
@@ -25,23 +43,14 @@ def _count(engine) -> int:
 
 def test_many_threads_writing_at_once_all_land(tmp_path):
     engine = _engine(tmp_path)
-    errors = []
 
     def writer(k):
-        try:
-            for i in range(25):
-                with engine.begin() as c:
-                    c.execute(text("INSERT INTO t (who) VALUES (:w)"), {"w": f"{k}-{i}"})
-                    c.execute(text("UPDATE t SET who = who || '!' WHERE who = :w"), {"w": f"{k}-{i}"})
-        except Exception as exc:  # noqa: BLE001 - collected and asserted below
-            errors.append(exc)
+        for i in range(25):
+            with engine.begin() as c:
+                c.execute(text("INSERT INTO t (who) VALUES (:w)"), {"w": f"{k}-{i}"})
+                c.execute(text("UPDATE t SET who = who || '!' WHERE who = :w"), {"w": f"{k}-{i}"})
 
-    threads = [threading.Thread(target=writer, args=(k,)) for k in range(12)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert errors == []
+    assert _all_at_once(writer, 12) == []
     assert _count(engine) == 12 * 25
 
 
@@ -97,3 +106,81 @@ def test_a_rolled_back_or_abandoned_writer_lets_go(tmp_path, monkeypatch):
     assert time.monotonic() - t0 < 2.0
     with engine.connect() as c:
         assert [r[0] for r in c.execute(text("SELECT who FROM t"))] == ["after"]
+
+
+# --- web_app.writer: the upload path's rows, several uploads per transaction ---------------------------------------
+
+def _sessions(engine):
+    from sqlalchemy.orm import sessionmaker
+
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def _insert(who):
+    def unit(s):
+        s.execute(text("INSERT INTO t (who) VALUES (:w)"), {"w": who})
+        return s.execute(text("SELECT id FROM t WHERE who = :w"), {"w": who}).scalar()
+    return unit
+
+
+def test_the_group_writer_lands_every_callers_row_once(tmp_path):
+    from web_app import writer as wmod
+
+    engine = _engine(tmp_path)
+    commits = []
+    event.listen(engine, "commit", lambda conn: commits.append(1))
+    w = wmod.GroupWriter(engine).start()
+    wmod.register(engine, w)
+    ids = {}
+    gate = threading.Barrier(16)
+
+    def caller(k):
+        with _sessions(engine)() as s:
+            gate.wait()
+            ids[k] = wmod.write(s, _insert(f"u{k}"))
+
+    errors = _all_at_once(caller, 16)
+    wmod.register(engine, None)
+    w.stop()
+    assert errors == []
+    assert _count(engine) == 16 and len(set(ids.values())) == 16  # every caller got its own row's id back
+    assert w.units == 16 and w.batches == len(commits)  # one commit per batch (how many met in one: timing)
+
+
+def test_a_failing_unit_fails_only_its_own_caller(tmp_path):
+    import pytest
+
+    from web_app import writer as wmod
+
+    engine = _engine(tmp_path)
+    w = wmod.GroupWriter(engine)  # not started yet: the three units below queue up and meet in one batch
+
+    def bad(s):
+        s.execute(text("INSERT INTO t (who) VALUES ('bad')"))
+        s.execute(text("INSERT INTO nowhere VALUES (1)"))
+
+    futs = [w.submit(_insert("a")), w.submit(bad), w.submit(_insert("b"))]
+    w.start()
+    assert futs[0].result(10) and futs[2].result(10)
+    with pytest.raises(Exception, match="nowhere"):
+        futs[1].result(10)
+    w.stop()
+    with engine.connect() as c:
+        assert sorted(c.execute(text("SELECT who FROM t")).scalars()) == ["a", "b"]  # the bad unit's first row too is gone
+    assert w.batches == 1  # queued together: one transaction for the three
+
+
+def test_without_a_group_writer_the_callers_session_commits(tmp_path):
+    from web_app import writer as wmod
+
+    engine = _engine(tmp_path)
+    with _sessions(engine)() as s:
+        assert wmod.write(s, _insert("solo")) == 1
+        assert not s.in_transaction()
+    assert _count(engine) == 1
+    w = wmod.GroupWriter(engine).start()
+    w.stop()
+    import pytest
+
+    with pytest.raises(RuntimeError, match="stopped"):
+        w.submit(_insert("late")).result(1)  # a stopped writer says so instead of leaving its caller waiting

@@ -15,7 +15,7 @@ import time
 from contextlib import contextmanager
 
 # The order a request meets them, for reports.
-ORDER = ("upload", "decode", "deidentify", "store", "checks", "preprocess", "queue", "model", "gate", "heatmap",
+ORDER = ("upload", "decode", "deidentify", "store", "statistics", "checks", "preprocess", "queue", "model", "gate", "heatmap",
          "png", "database")
 
 

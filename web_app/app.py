@@ -23,6 +23,8 @@ from .db import User, make_engine, migrate, session_factory
 from .i18n import translate
 from .inference import ModelRouter, serve_uplink
 from .security import hash_password
+from .writer import GroupWriter
+from .writer import register as register_writer
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
@@ -105,6 +107,8 @@ def create_app(settings: Settings | None = None, classifier="auto") -> FastAPI:
     async def lifespan(app):
         from .cases import resume_pending
 
+        db_writer = GroupWriter(engine).start()  # the upload path's rows, several uploads per transaction
+        register_writer(engine, db_writer)
         task = asyncio.create_task(connect_broker(router, settings, SessionLocal)) if settings.broker_url else None
         resumer = asyncio.create_task(resume_pending(SessionLocal, settings, router, settings.resume_interval_s))
         node = None
@@ -124,6 +128,8 @@ def create_app(settings: Settings | None = None, classifier="auto") -> FastAPI:
             await router.broker.close()
         if router.batcher is not None:
             router.batcher.stop()
+        register_writer(engine, None)  # a late write goes to its own session
+        db_writer.stop()  # after what was queued is committed
         engine.dispose()
 
     app = FastAPI(title="Chest X-ray screening", version="0.1.0", lifespan=lifespan,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 from sqlalchemy import func, select, update
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 from starlette.concurrency import run_in_threadpool
@@ -24,6 +25,7 @@ from uplink_server.imaging import DecodedImage, decode
 from uplink_server.stages import stage
 from uplink_server.uncertainty import margin
 
+from . import writer
 from .broker import JobPending
 from .config import Settings
 from .db import AuditLog, Case, User
@@ -176,19 +178,24 @@ def check_patient_codes(*codes: str) -> None:
                                                        f"the limit is {MAX_PATIENT_CODE}", 422)
 
 
+# a new case's columns without a default (its result, the model, ...): NULL until an answer is written
+_NULL_AT_INSERT = tuple(a.key for a in sa_inspect(Case).column_attrs
+                        if a.columns[0].default is None and not a.columns[0].primary_key)
+
+
 def create_case(db: Session, settings: Settings, user: User, upload: Upload, patient_code: str) -> Case:
     """Store the upload de-identified (or nothing of it) and a pending case.
 
     The type is read from the content; DICOM goes through the PS3.15 profile,
     other images are kept as a metadata-free PNG of their pixels. What cannot be
     decoded or de-identified is refused and not written anywhere; the original
-    file name is not kept (the case id names the stored file).
+    file name is not kept (the stored file has a random name, the case is shown as case-ID).
     """
     check_patient_codes(patient_code)
     patient_code = (patient_code or "").strip()
     # decode, de-identify and write the file before touching the database: SQLite takes its one write lock at the
     # first INSERT and holds it to the commit, and every other upload's writer sleeps (1, 2, 5 ... 100 ms) meanwhile
-    refusal = stored = image = incoming = None
+    refusal = stored = image = path = None
     try:
         if len(upload.data) > settings.max_upload_mb * 1024 * 1024:
             raise Refusal("file_too_large")
@@ -198,38 +205,46 @@ def create_case(db: Session, settings: Settings, user: User, upload: Upload, pat
             stored = deidentify.for_storage(image, patient_code, settings.deid_key, upload.data)
     except Refusal as r:
         refusal = r
+    image_stats = None
     if stored is not None:
-        incoming = settings.upload_dir / f"incoming-{uuid.uuid4().hex}{stored.ext}"
+        # a random final name, written before the row: nothing to rename under the write lock, nothing to undo if
+        # the writer has to try the row again
+        path = settings.upload_dir / f"{uuid.uuid4().hex}{stored.ext}"
         with stage("store"):
-            incoming.write_bytes(stored.data)
-            image_stats = drift.image_statistics(image.gray)  # milliseconds on a large film: not under the write lock
+            path.write_bytes(stored.data)
+        with stage("statistics"):  # for drift checks; milliseconds on a large film: not under the write lock
+            image_stats = drift.image_statistics(image.gray)
+
+    def insert(wdb: Session) -> Case:
+        # attempts=1: analyse_upload tries it at once, and counting that try here spares a write transaction
+        case = Case(patient_code=patient_code, created_by=user.id, filename="", uncertain=False,
+                    image_path=path.name if path is not None else "", image_stats=image_stats)
+        if refusal is not None:
+            case.status, case.refusal_code, case.refusal_message = "refused", refusal.code, refusal.message
+        else:
+            case.status, case.job_id, case.attempts = "pending", uuid.uuid4().hex, 1
+        for attr in _NULL_AT_INSERT:  # given, not left for the INSERT to fill: the reply reads them without a query
+            if attr not in case.__dict__:
+                setattr(case, attr, None)
+        wdb.add(case)
+        wdb.flush()  # the id names the case for people: case-12.png
+        case.filename = f"case-{case.id}{stored.ext if stored is not None else ''}"
+        detail = {"refused": refusal.code} if refusal is not None else {"format": stored.format}
+        wdb.add(AuditLog(user_id=user.id, action="upload", case_id=case.id, detail={**detail, "bytes": len(upload.data)}))
+        return case
+
     try:
         with stage("database"):
-            # attempts=1: analyse_upload tries it at once, and counting that try here spares a write transaction
-            case = Case(patient_code=patient_code, created_by=user.id, filename="", status="pending", uncertain=False,
-                        job_id=uuid.uuid4().hex, attempts=None if refusal is not None else 1)
-            db.add(case)
-            db.flush()  # the id names the stored file
-            if refusal is not None:
-                case.filename = f"case-{case.id}"
-                case.status, case.refusal_code, case.refusal_message = "refused", refusal.code, refusal.message
-                case.job_id = None
-                db.add(AuditLog(user_id=user.id, action="upload", case_id=case.id,
-                                detail={"refused": refusal.code, "bytes": len(upload.data)}))
-                db.commit()
-                _as_inserted(case, user)
-                return case
-            name = f"{case.id}-{uuid.uuid4().hex[:12]}{stored.ext}"
-            incoming = incoming.replace(settings.upload_dir / name)
-            case.image_stats = image_stats
-            case.image_path, case.filename = name, f"case-{case.id}{stored.ext}"
-            db.add(AuditLog(user_id=user.id, action="upload", case_id=case.id,
-                            detail={"format": stored.format, "bytes": len(upload.data)}))
-            db.commit()
+            case = db.merge(writer.write(db, insert), load=False)  # adopted from the writer's session: no query
+            db.commit()  # nothing to write: ends the session's transaction, so classify_case needs no hop to commit
     except BaseException:
-        if incoming is not None:
-            incoming.unlink(missing_ok=True)  # no case names it: nothing of the upload stays
+        if path is not None:
+            path.unlink(missing_ok=True)  # no case names it: nothing of the upload stays
         raise
+    if refusal is not None:
+        _as_inserted(case, user)
+        return case
+    _in_flight.add(case.id)  # analyse_upload runs it next: not the resumer's
     _as_inserted(case, user)
     case.decoded = image  # not stored: spares the in-process model decoding the same pixels again
     case.stored_data = stored.data  # the stored file's bytes: spares reading it back
@@ -256,12 +271,31 @@ async def classify_case(db: Session, settings: Settings, router: ModelRouter, ca
     """
     if not case.image_path:
         return case
+    if getattr(case, "attempt_counted", False):
+        pass  # inserted by create_case, which claimed it
+    elif case.id in _in_flight:  # already being analysed here (a Retry clicked twice): one run is enough
+        return case
+    _in_flight.add(case.id)
+    try:
+        return await _classify(db, settings, router, case, user)
+    finally:
+        _in_flight.discard(case.id)
+
+
+# ids of the cases this process is analysing now: the resumer leaves them alone. It once took them for cases a crash
+# had left pending and sent each again under the same job id, so the first request's wait for its answer was
+# replaced by the resumer's and ran out (60 s) while the model server did the work twice (bench_load broker1).
+_in_flight: set[int] = set()
+
+
+async def _classify(db: Session, settings: Settings, router: ModelRouter, case: Case, user: User | None) -> Case:
     data = getattr(case, "stored_data", None)
     if data is None:
         data = await run_in_threadpool((settings.upload_dir / case.image_path).read_bytes)
     if case.job_id is None:  # a retry of an answered case: a new attempt
         case.job_id = uuid.uuid4().hex
-    if not getattr(case, "attempt_counted", False):
+    fresh = getattr(case, "attempt_counted", False)  # inserted moments ago by this request: no answer, no heatmap
+    if not fresh:
         case.attempts = (case.attempts or 0) + 1
     case.attempt_counted = False  # a Retry of this same object is a new try
     case_id = case.id
@@ -281,9 +315,10 @@ async def classify_case(db: Session, settings: Settings, router: ModelRouter, ca
 
     def write() -> Case:
         with stage("database"):  # the heatmap's file write included: a few hundred microseconds
-            apply_outcome(db, settings, job, outcome)
-            db.refresh(case)
-            case.reviews  # loaded here, in this thread: the reply reads it on the event loop, where a query would block
+            if not apply_outcome(db, settings, job, outcome, case=case, previous=None if fresh else _UNKNOWN):
+                db.refresh(case)  # someone else's answer landed first: show that one
+            # loaded here, in this thread: the reply reads them on the event loop, where a query would block
+            case.creator, case.reviews
         return case
 
     return await run_in_threadpool(write)
@@ -295,8 +330,11 @@ async def analyse_upload(db: Session, settings: Settings, router: ModelRouter, u
     was refused. The batcher is told it is coming while it is still being stored."""
     with router.expecting():
         case = await run_in_threadpool(create_case, db, settings, user, upload, patient_code)
-        if case.status == "pending":
-            case = await classify_case(db, settings, router, case, user)
+        try:
+            if case.status == "pending":
+                case = await classify_case(db, settings, router, case, user)
+        finally:
+            _in_flight.discard(case.id)  # create_case claimed it; a cancelled request must not keep it from the resumer
     return case
 
 
@@ -307,7 +345,8 @@ def resumable(db: Session, limit: int) -> list[Case]:
     """Pending cases the resumer may try again: with an image, fewer than MAX_ATTEMPTS tries, oldest first.
     A case left pending without a reason (the app was killed mid-analysis) is marked ``interrupted``."""
     rows = db.scalars(select(Case).where(Case.status == "pending", Case.image_path != "",
-                                         func.coalesce(Case.attempts, 0) < MAX_ATTEMPTS)
+                                         func.coalesce(Case.attempts, 0) < MAX_ATTEMPTS,
+                                         Case.id.not_in(list(_in_flight)))
                       .order_by(Case.id).limit(limit)).all()
     for c in rows:
         if not c.refusal_code:
@@ -346,9 +385,17 @@ def _mark_pending(db: Session, case: Case, job_id: str, code: str) -> Case:
     return case
 
 
-def apply_outcome(db: Session, settings: Settings, job: Job, outcome: Outcome) -> bool:
+_UNKNOWN = object()
+
+
+def apply_outcome(db: Session, settings: Settings, job: Job, outcome: Outcome, case: Case | None = None,
+                  previous=_UNKNOWN) -> bool:
     """Write a model's answer into its case, once: False if the case no longer
-    waits for this job (already written, or a newer attempt started)."""
+    waits for this job (already written, or a newer attempt started).
+
+    ``case``: the session's object of that case, given the written values without a query (a refresh would read
+    back what this function just wrote). ``previous``: its heatmap file before this answer, when the caller knows
+    it (a case inserted moments ago has none); otherwise it is read."""
     r = outcome.result
     values = {"model_name": r.get("model"), "model_version": r.get("version"), "served_by": outcome.served_by,
               "elapsed_ms": r.get("elapsed_ms"), "job_id": None}
@@ -378,18 +425,24 @@ def apply_outcome(db: Session, settings: Settings, job: Job, outcome: Outcome) -
             values["heatmap_path"] = hp
     if "heatmap_path" not in values:
         values["heatmap_path"] = None  # a refusal or an answer without one: no earlier heatmap stays on the case
-    previous = db.scalar(select(Case.heatmap_path).where(Case.id == job.case_id))
-    # synchronize_session=False: callers refresh the case after the commit, so matching the session's objects against
-    # the criteria in Python would be work under the write lock that nothing reads
-    written = db.execute(update(Case).where(Case.id == job.case_id, Case.job_id == job.id).values(**values)
-                         .execution_options(synchronize_session=False)).rowcount == 1
+
+    def store(wdb: Session) -> tuple[bool, str | None]:
+        before = wdb.scalar(select(Case.heatmap_path).where(Case.id == job.case_id)) if previous is _UNKNOWN else previous
+        # synchronize_session=False: no session object is matched against the criteria in Python under the lock
+        done = wdb.execute(update(Case).where(Case.id == job.case_id, Case.job_id == job.id).values(**values)
+                           .execution_options(synchronize_session=False)).rowcount == 1
+        if done:
+            wdb.add(AuditLog(user_id=job.user_id or None, action="classify", case_id=job.case_id,
+                             detail={"status": values["status"], "label": values.get("label"), "model": values["model_name"],
+                                     "version": values["model_version"], "served_by": outcome.served_by, "job": job.id}))
+        return done, before
+
+    written, was = writer.write(db, store)
     # after the commit, the file no row names any more: a retry's replaced heatmap, or an answer nobody waits for
-    stale = (previous if written else values["heatmap_path"]) if previous != values["heatmap_path"] else None
-    if written:
-        db.add(AuditLog(user_id=job.user_id or None, action="classify", case_id=job.case_id,
-                        detail={"status": values["status"], "label": values.get("label"), "model": values["model_name"],
-                                "version": values["model_version"], "served_by": outcome.served_by, "job": job.id}))
-    db.commit()
+    stale = (was if written else values["heatmap_path"]) if was != values["heatmap_path"] else None
+    if written and case is not None:
+        for key, value in values.items():
+            set_committed_value(case, key, value)
     if stale:
         (settings.upload_dir / stale).unlink(missing_ok=True)
         (settings.upload_dir / stale).with_suffix(".png").unlink(missing_ok=True)  # a kept map's drawn picture
