@@ -183,13 +183,26 @@ _NULL_AT_INSERT = tuple(a.key for a in sa_inspect(Case).column_attrs
                         if a.columns[0].default is None and not a.columns[0].primary_key)
 
 
-def create_case(db: Session, settings: Settings, user: User, upload: Upload, patient_code: str) -> Case:
+@dataclass
+class Fresh:
+    """What create_case knows of a case it has just stored, handed to its first analysis: the pixels decoded
+    moments ago and the stored file's bytes (neither decoded nor read again), and that the case has no answer or
+    heatmap yet and its first try is already counted."""
+
+    image: DecodedImage
+    data: bytes
+
+
+def create_case(db: Session, settings: Settings, user: User, upload: Upload,
+                patient_code: str) -> tuple[Case, Fresh | None]:
     """Store the upload de-identified (or nothing of it) and a pending case.
 
     The type is read from the content; DICOM goes through the PS3.15 profile,
     other images are kept as a metadata-free PNG of their pixels. What cannot be
     decoded or de-identified is refused and not written anywhere; the original
     file name is not kept (the stored file has a random name, the case is shown as case-ID).
+    Returns the case and, unless it was refused, what its first analysis needs (``classify_case(..., fresh=)``);
+    such a case is claimed for that analysis (the resumer leaves it alone).
     """
     check_patient_codes(patient_code)
     patient_code = (patient_code or "").strip()
@@ -241,15 +254,11 @@ def create_case(db: Session, settings: Settings, user: User, upload: Upload, pat
         if path is not None:
             path.unlink(missing_ok=True)  # no case names it: nothing of the upload stays
         raise
-    if refusal is not None:
-        _as_inserted(case, user)
-        return case
-    _in_flight.add(case.id)  # analyse_upload runs it next: not the resumer's
     _as_inserted(case, user)
-    case.decoded = image  # not stored: spares the in-process model decoding the same pixels again
-    case.stored_data = stored.data  # the stored file's bytes: spares reading it back
-    case.attempt_counted = True
-    return case
+    if refusal is not None:
+        return case, None
+    _in_flight.add(case.id)  # analyse_upload runs it next: not the resumer's
+    return case, Fresh(image, stored.data)
 
 
 def _as_inserted(case: Case, user: User) -> None:
@@ -259,7 +268,8 @@ def _as_inserted(case: Case, user: User) -> None:
     set_committed_value(case, "reviews", [])
 
 
-async def classify_case(db: Session, settings: Settings, router: ModelRouter, case: Case, user: User | None) -> Case:
+async def classify_case(db: Session, settings: Settings, router: ModelRouter, case: Case, user: User | None,
+                        fresh: Fresh | None = None) -> Case:
     """Run the model on a stored case; a missing or saturated model leaves it pending, nothing lost.
 
     The case waits for a job id (set when it is stored, renewed once an answer
@@ -267,17 +277,16 @@ async def classify_case(db: Session, settings: Settings, router: ModelRouter, ca
     for that job, so a job answered twice (redelivered by the broker) changes
     the case once. The database and file work runs off the event loop, and no
     database connection is held while the model works (a burst of uploads would
-    otherwise exhaust the pool). ``user`` None: the resumer, not a person.
+    otherwise exhaust the pool). ``user`` None: the resumer, not a person. ``fresh``: from create_case, for the
+    case it has just stored (and claimed).
     """
     if not case.image_path:
         return case
-    if getattr(case, "attempt_counted", False):
-        pass  # inserted by create_case, which claimed it
-    elif case.id in _in_flight:  # already being analysed here (a Retry clicked twice): one run is enough
+    if fresh is None and case.id in _in_flight:  # already being analysed here (a Retry clicked twice): one run is enough
         return case
     _in_flight.add(case.id)
     try:
-        return await _classify(db, settings, router, case, user)
+        return await _classify(db, settings, router, case, user, fresh)
     finally:
         _in_flight.discard(case.id)
 
@@ -288,23 +297,20 @@ async def classify_case(db: Session, settings: Settings, router: ModelRouter, ca
 _in_flight: set[int] = set()
 
 
-async def _classify(db: Session, settings: Settings, router: ModelRouter, case: Case, user: User | None) -> Case:
-    data = getattr(case, "stored_data", None)
-    if data is None:
-        data = await run_in_threadpool((settings.upload_dir / case.image_path).read_bytes)
+async def _classify(db: Session, settings: Settings, router: ModelRouter, case: Case, user: User | None,
+                    fresh: Fresh | None) -> Case:
+    if fresh is not None:
+        data, decoded = fresh.data, fresh.image  # the stored file's bytes and the same pixels, decoded moments ago
+    else:
+        data, decoded = await run_in_threadpool((settings.upload_dir / case.image_path).read_bytes), None
+        case.attempts = (case.attempts or 0) + 1  # a fresh case's first try was counted at its INSERT
     if case.job_id is None:  # a retry of an answered case: a new attempt
         case.job_id = uuid.uuid4().hex
-    fresh = getattr(case, "attempt_counted", False)  # inserted moments ago by this request: no answer, no heatmap
-    if not fresh:
-        case.attempts = (case.attempts or 0) + 1
-    case.attempt_counted = False  # a Retry of this same object is a new try
     case_id = case.id
-    decoded = getattr(case, "decoded", None)
     if db.dirty or db.in_transaction():  # a fresh upload's session has nothing open: no hop to a thread for nothing
         await run_in_threadpool(db.commit)  # ends the transaction: the connection goes back to the pool
     job = Job(case.job_id, case_id, user.id if user is not None else None)
     try:
-        # the stored file holds the same pixels as the upload decoded moments ago
         outcome = await router.predict(data, case.filename, job, decoded=decoded)
     except ModelUnavailable:
         return await run_in_threadpool(_mark_pending, db, case, job.id, "model_unavailable")
@@ -315,7 +321,7 @@ async def _classify(db: Session, settings: Settings, router: ModelRouter, case: 
 
     def write() -> Case:
         with stage("database"):  # the heatmap's file write included: a few hundred microseconds
-            if not apply_outcome(db, settings, job, outcome, case=case, previous=None if fresh else _UNKNOWN):
+            if not apply_outcome(db, settings, job, outcome, case=case, previous=_UNKNOWN if fresh is None else None):
                 db.refresh(case)  # someone else's answer landed first: show that one
             # loaded here, in this thread: the reply reads them on the event loop, where a query would block
             case.creator, case.reviews
@@ -329,10 +335,10 @@ async def analyse_upload(db: Session, settings: Settings, router: ModelRouter, u
     """One upload from any door (page, API, DICOM node): stored de-identified as a case, then classified unless it
     was refused. The batcher is told it is coming while it is still being stored."""
     with router.expecting():
-        case = await run_in_threadpool(create_case, db, settings, user, upload, patient_code)
+        case, fresh = await run_in_threadpool(create_case, db, settings, user, upload, patient_code)
         try:
-            if case.status == "pending":
-                case = await classify_case(db, settings, router, case, user)
+            if fresh is not None:
+                case = await classify_case(db, settings, router, case, user, fresh)
         finally:
             _in_flight.discard(case.id)  # create_case claimed it; a cancelled request must not keep it from the resumer
     return case
