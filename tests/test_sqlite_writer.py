@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 from sqlalchemy import event, text
 
 from web_app import db as dbmod
@@ -148,8 +149,6 @@ def test_the_group_writer_lands_every_callers_row_once(tmp_path):
 
 
 def test_a_failing_unit_fails_only_its_own_caller(tmp_path):
-    import pytest
-
     from web_app import writer as wmod
 
     engine = _engine(tmp_path)
@@ -180,7 +179,5 @@ def test_without_a_group_writer_the_callers_session_commits(tmp_path):
     assert _count(engine) == 1
     w = wmod.GroupWriter(engine).start()
     w.stop()
-    import pytest
-
     with pytest.raises(RuntimeError, match="stopped"):
         w.submit(_insert("late")).result(1)  # a stopped writer says so instead of leaving its caller waiting

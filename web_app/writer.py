@@ -38,6 +38,7 @@ class GroupWriter:
         self._thread = threading.Thread(target=self._loop, name="db-writer", daemon=True)
         self.batches = self.units = 0
         self._stopped = False
+        self._lock = threading.Lock()  # a unit is queued before the stop mark or refused, never after it
 
     def start(self) -> "GroupWriter":
         self._thread.start()
@@ -45,18 +46,20 @@ class GroupWriter:
 
     def stop(self) -> None:
         """Finish what is queued, then end the thread; later units are refused."""
-        self._stopped = True
-        if self._thread.is_alive():
+        with self._lock:
+            self._stopped = True
             self._queue.put(_STOP)
+        if self._thread.is_alive():
             self._thread.join(timeout=30)
 
     def submit(self, unit: Callable[[Session], T]) -> "Future[T]":
         """Queue a unit (before ``start`` too: it waits for the thread)."""
         fut: Future = Future()
-        if self._stopped:
-            fut.set_exception(RuntimeError("the database writer is stopped"))
-            return fut
-        self._queue.put((unit, fut))
+        with self._lock:
+            if not self._stopped:
+                self._queue.put((unit, fut))
+                return fut
+        fut.set_exception(RuntimeError("the database writer is stopped"))
         return fut
 
     def _loop(self) -> None:
