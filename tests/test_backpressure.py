@@ -208,6 +208,8 @@ def test_an_upload_reads_nothing_back_after_writing_its_result(tmp_path, classif
         assert [s for s in after if s.startswith("SELECT")] == [], after
         before = statements[:update[0]]
         assert not [s for s in before if s.startswith("SELECT cases.heatmap_path")], before
+        triage = ok.json()["triage"]  # a card without a threshold (the tiny model's, 1.5.0's): its top class decides
+        assert triage["rule"] == ("most probable class" if triage["threshold"] is None else "model card threshold on 1 - p(normal)")
         stored = httpx.get(f"{base}/api/v1/cases/{ok.json()['case_id']}", headers=h, timeout=30).json()
         for key in ("status", "label", "probabilities", "uncertain", "risk", "triage", "model", "model_version",
                     "served_by", "created_by", "refusal", "review"):

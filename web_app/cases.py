@@ -515,7 +515,7 @@ def case_dict(case: Case) -> dict:
         "risk": case.risk,
         "triage": None if case.triage_flag is None else {
             "needs_read": case.triage_flag, "score": case.risk, "threshold": case.triage_threshold,
-            "rule": "model card threshold on 1 - p(normal)" if case.needs_read is not None else "most probable class"},
+            "rule": "model card threshold on 1 - p(normal)" if case.triage_threshold is not None else "most probable class"},
         "model": case.model_name,
         "model_version": case.model_version,
         "served_by": case.served_by,
