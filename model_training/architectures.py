@@ -113,11 +113,13 @@ class CXRNet(nn.Module):
         return [m for _, m in b.named_children() if any(p.requires_grad or True for p in m.parameters())]
 
 
-def create_model(name: str = DEFAULT_ARCH, num_classes: int = 3, pretrained: str = "none", dropout: float = 0.2) -> tuple[CXRNet, ArchSpec]:
+def create_model(name: str = DEFAULT_ARCH, num_classes: int = 3, pretrained: str = "none", dropout: float = 0.2,
+                 classes: list[str] | None = None) -> tuple[CXRNet, ArchSpec]:
     """Build a registered (or any timm) architecture with ``num_classes`` outputs.
 
     ``pretrained``: ``none``, ``imagenet``, a path to a state dict/checkpoint, or an exported ``.onnx`` model of
-    this architecture and class count (every weight, the classifier too: see model_training.onnx_weights).
+    this architecture (every weight, the classifier too: see model_training.onnx_weights). With ``classes`` (the
+    network's class names), an exported model of fewer classes continues into this network: its head grows.
     """
     import timm
 
@@ -132,5 +134,5 @@ def create_model(name: str = DEFAULT_ARCH, num_classes: int = 3, pretrained: str
     if from_onnx:
         from .onnx_weights import load_onnx_weights
 
-        load_onnx_weights(model, pretrained)
+        load_onnx_weights(model, pretrained, classes)
     return model, spec

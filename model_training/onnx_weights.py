@@ -45,9 +45,39 @@ def _initializers(path: Path):
     return model.graph, init
 
 
-def load_onnx_weights(net: nn.Module, path: str | Path) -> dict:
-    """Put the weights of the exported model at ``path`` into ``net`` (a CXRNet of the same architecture and class
-    count). Returns {'matched': tensors set, 'convs': convolutions, 'source': path}."""
+def _model_classes(path: Path) -> list[str] | None:
+    """The class names of an exported model, from its card (None when it has none)."""
+    import json
+
+    from uplink_server.model import find_card
+
+    card = find_card(path)
+    if card is None:
+        return None
+    return list(json.loads(card.read_text()).get("classes") or []) or None
+
+
+def _grown_head(path: Path, w: np.ndarray, b: np.ndarray, net: nn.Module, classes: list[str] | None):
+    """The classifier rows of ``net`` for ``classes``: the exported model's rows where it knew the class, the network's
+    own fresh rows for the classes it did not (a 3-class model continued into a 4-class network, e.g. to train a
+    leave-one-source-out fold from a model that never saw the held-out source)."""
+    old = _model_classes(path)
+    if not classes or not old or len(old) != w.shape[0] or not set(old) < set(classes):
+        raise PretrainedError(f"{path}: its classifier is {w.shape[0]} classes x {w.shape[1]} features, the "
+                              f"network's {tuple(net.classifier.weight.shape)}: train with the model's classes"
+                              + ("" if old else " (its card, which would name them, is missing)"))
+    new_w = net.classifier.weight.detach().cpu().numpy().copy()
+    new_b = net.classifier.bias.detach().cpu().numpy().copy()
+    for i, name in enumerate(old):
+        new_w[classes.index(name)], new_b[classes.index(name)] = w[i], b[i]
+    return new_w, new_b
+
+
+def load_onnx_weights(net: nn.Module, path: str | Path, classes: list[str] | None = None) -> dict:
+    """Put the weights of the exported model at ``path`` into ``net`` (a CXRNet of the same architecture). Its class
+    count must be the network's, or ``classes`` (the network's class names) must include every class of the model,
+    named by its card: the head then grows (``_grown_head``). Returns {'matched': tensors set, 'convs':
+    convolutions, 'source': path, 'grown': new class names}."""
     path = Path(path)
     if not path.is_file():
         raise PretrainedError(f"--pretrained {path}: no such file")
@@ -78,11 +108,15 @@ def load_onnx_weights(net: nn.Module, path: str | Path) -> dict:
         if len(gemm) != 1:
             raise PretrainedError(f"{path}: expected one classifier layer, found {len(gemm)}")
         w, b = init[gemm[0].input[1]], init[gemm[0].input[2]]
+        grown: list[str] = []
         if tuple(w.shape) != tuple(net.classifier.weight.shape):
-            raise PretrainedError(f"{path}: its classifier is {w.shape[0]} classes x {w.shape[1]} features, the "
-                                  f"network's {tuple(net.classifier.weight.shape)}: train with the model's classes")
+            if w.shape[1] != net.classifier.weight.shape[1]:
+                raise PretrainedError(f"{path}: its classifier reads {w.shape[1]} features, the network's "
+                                      f"{net.classifier.weight.shape[1]}: not this architecture")
+            w, b = _grown_head(path, w, b, net, classes)
+            grown = [c for c in classes if c not in (_model_classes(path) or [])]
         state[id(net.classifier.weight)], state[id(net.classifier.bias)] = w, b
         for p in net.parameters():
             if id(p) in state:
                 p.copy_(torch.tensor(np.array(state[id(p)]), dtype=p.dtype))  # numpy_helper arrays are read-only
-    return {"matched": len(state), "convs": len(convs), "mode": "onnx", "source": str(path)}
+    return {"matched": len(state), "convs": len(convs), "mode": "onnx", "source": str(path), "grown": grown}

@@ -198,7 +198,7 @@ def prepare_data(cfg: TrainConfig, out: Path) -> tuple[list[Record], list[str], 
 
 def _build(cfg: TrainConfig, records: list[Record], classes: list[str], pretrained: str):
     """Model, input spec and evaluation loaders of a run: shared by train() and finish()."""
-    model, arch = create_model(cfg.arch, len(classes), pretrained, cfg.dropout)
+    model, arch = create_model(cfg.arch, len(classes), pretrained, cfg.dropout, classes=classes)
     device = resolve_device(cfg.device)
     model.to(device)
     size = cfg.img_size or arch.input_size

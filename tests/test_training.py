@@ -361,6 +361,38 @@ def test_an_exported_model_loads_back_into_its_network(tiny_run, xray_paths):
         create_model("efficientnet_lite2", 3, str(onnx_path))
 
 
+def test_a_three_class_model_grows_into_a_four_class_network(tiny_run, xray_paths, tmp_path):
+    """A leave-one-source-out fold for tuberculosis starts from a model that never saw it: the exported 3-class
+    model's rows land on their classes by name (from its card), the TB row starts fresh."""
+    import json
+    import shutil
+
+    import onnxruntime as ort
+
+    from model_training.architectures import create_model
+    from model_training.labels import CLASSES
+    from model_training.pretrained import PretrainedError
+    from uplink_server.imaging import decode
+    from uplink_server.preprocessing import PreprocessSpec, preprocess
+
+    old = ["normal", "pneumonia", "covid19"]
+    onnx_path = tmp_path / "three.onnx"
+    shutil.copy(tiny_run / "model.onnx", onnx_path)
+    with pytest.raises(PretrainedError, match="card, which would name them, is missing"):
+        create_model("efficientnet_lite0", 4, str(onnx_path), classes=list(CLASSES))
+    (tmp_path / "three.card.json").write_text(json.dumps({"classes": old}))
+    grown, _ = create_model("efficientnet_lite0", 4, str(onnx_path), classes=list(CLASSES))
+    x = np.stack([preprocess(decode(p).gray, PreprocessSpec(size=(64, 64)))
+                  for p in xray_paths["covid"] + xray_paths["kermany_normal"]])
+    with torch.no_grad():
+        got = grown.eval()(torch.from_numpy(x)).numpy()
+    ref = ort.InferenceSession(str(onnx_path)).run(["logits"], {"input": x})[0]
+    assert got.shape[1] == 4
+    assert np.abs(got[:, [CLASSES.index(c) for c in old]] - ref).max() < 1e-4
+    with pytest.raises(PretrainedError, match="classifier is 3 classes"):  # a class it knew is not in the network
+        create_model("efficientnet_lite0", 4, str(onnx_path), classes=["normal", "pneumonia", "tuberculosis", "other"])
+
+
 def test_training_continues_from_an_exported_model(tiny_run, tmp_path):
     from torch import nn
 
