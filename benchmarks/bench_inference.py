@@ -106,7 +106,7 @@ def main() -> None:
     try:
         import torch
 
-        from model_training.architectures import create_model
+        from model_training.networks.architectures import create_model
     except ImportError:
         print("torch eager: not installed (serving does not need it)")
         return

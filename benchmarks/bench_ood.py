@@ -25,7 +25,7 @@ def held_out_xrays(model_path: Path, every: int = 1) -> list[str]:
 
 
 def held_out_records(model_path: Path):
-    from model_training.datasets import DataError, load_spec, splits_beside
+    from model_training.data.datasets import DataError, load_spec, splits_beside
 
     splits = splits_beside(model_path)
     if splits is None:
@@ -80,7 +80,7 @@ def main() -> None:
     k, n = sum(v[0] for v in held.values()), sum(v[1] for v in held.values())
     _print_sources(f"held-out chest X-rays refused: {k}/{n} = {100 * k / n:.2f} % (target <= 1 % per source)", held)
     if args.data:
-        from model_training.datasets import load_spec
+        from model_training.data.datasets import load_spec
 
         _print_sources(f"every chest X-ray of {args.data} refused, per source:", refusals_by_source(clf, load_spec(args.data)))
 

@@ -16,7 +16,7 @@ import time
 import torch
 from torch import nn
 
-from model_training.architectures import create_model
+from model_training.networks.architectures import create_model
 
 
 def bench(fn, images: int, min_seconds: float = 4.0, warmup: int = 1) -> float:

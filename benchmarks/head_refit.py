@@ -3,7 +3,7 @@
     python -m benchmarks.head_refit [--model weights/cxr-screen-tb.onnx] [--with-imagenet] [--cache /tmp/head_refit]
 
 Takes the model's own embeddings of every film in its split (``Classifier.run``; about 5 minutes for 16,000 films on
-2 cores, cached), fits each recipe of ``model_training.heads`` on the train split and on the validation split, and
+2 cores, cached), fits each recipe of ``model_training.evaluation.heads`` on the train split and on the validation split, and
 prints triage ROC-AUC (1 - p(normal)) per source on held-out patients (the test split) beside the model's own head.
 ``--with-imagenet`` adds heads on frozen ImageNet EfficientNet-Lite0 features, alone and beside the model's.
 """
@@ -21,8 +21,8 @@ SOURCES = ("kermany", "nih", "tb", "radiography")
 
 
 def embeddings(model: Path, cache: Path) -> dict:
-    from model_training.datasets import load_spec
-    from model_training.evaluate import predict_records
+    from model_training.data.datasets import load_spec
+    from model_training.evaluation.evaluate import predict_records
     from uplink_server.model import Classifier
 
     out = cache / f"{model.stem}.npz"
@@ -44,8 +44,8 @@ def embeddings(model: Path, cache: Path) -> dict:
 def imagenet_features(model: Path, paths: np.ndarray, cache: Path) -> np.ndarray:
     import json
 
-    from model_training.datasets import load_spec
-    from model_training.features import extract
+    from model_training.data.datasets import load_spec
+    from model_training.evaluation.features import extract
     from uplink_server.preprocessing import PreprocessSpec
 
     card = json.loads(model.with_suffix(".card.json").read_text())
@@ -73,7 +73,7 @@ def scores(d: dict, logits: np.ndarray) -> dict:
 
 
 def main() -> None:
-    from model_training.heads import Head
+    from model_training.evaluation.heads import Head
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=REPO / "weights" / "cxr-screen-tb.onnx")

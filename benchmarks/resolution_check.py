@@ -50,7 +50,7 @@ def compare(clf: Classifier, paths: list[str]) -> dict:
 
 
 def main() -> None:
-    from model_training.datasets import load_spec, splits_beside
+    from model_training.data.datasets import load_spec, splits_beside
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(default_model_path()))

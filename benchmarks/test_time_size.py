@@ -1,7 +1,7 @@
 """Would a larger input help without retraining? Triage ROC-AUC per source on held-out patients at other input sizes.
 
 The exported file's input is fixed at its training size, so the model's own weights are put back into its torch
-network (``model_training.onnx_weights``), which takes any size; at the training size it reproduces the card's
+network (``model_training.networks.onnx_weights``), which takes any size; at the training size it reproduces the card's
 numbers. Needs the training extra (torch, timm).
 
     python -m benchmarks.test_time_size --sizes 224,256,288
@@ -21,10 +21,10 @@ def main(argv=None) -> int:
     import torch
     from sklearn.metrics import roc_auc_score
 
-    from model_training.architectures import create_model
-    from model_training.datasets import load_spec, splits_beside
-    from model_training.labels import NORMAL
-    from model_training.onnx_weights import load_onnx_weights
+    from model_training.data.datasets import load_spec, splits_beside
+    from model_training.data.labels import NORMAL
+    from model_training.networks.architectures import create_model
+    from model_training.networks.onnx_weights import load_onnx_weights
     from uplink_server.imaging import decode
     from uplink_server.model import Classifier
     from uplink_server.preprocessing import preprocess

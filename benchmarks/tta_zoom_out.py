@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from model_training.augmentation import warp
-from model_training.calibration import calibrated_probs, fit_temperature, nll
-from model_training.datasets import load_spec, splits_beside
-from model_training.framing import FACTORS, tighter
+from model_training.data.augmentation import warp
+from model_training.data.datasets import load_spec, splits_beside
+from model_training.evaluation.calibration import calibrated_probs, fit_temperature, nll
+from model_training.evaluation.framing import FACTORS, tighter
 from uplink_server.imaging import decode
 from uplink_server.model import Classifier, default_model_path
 from uplink_server.preprocessing import preprocess, resize_gray

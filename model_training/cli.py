@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def _add_train_args(p: argparse.ArgumentParser, compare: bool = False) -> None:
-    from .train import TrainConfig
+    from .training.train import TrainConfig
 
     d = TrainConfig()
     if not compare:
@@ -19,7 +19,8 @@ def _add_train_args(p: argparse.ArgumentParser, compare: bool = False) -> None:
         p.add_argument("--epochs", type=int, default=d.epochs)
         p.add_argument("--out", default=d.out, help="run folder")
     p.add_argument("--pretrained", default=d.pretrained, help="imagenet | none | PATH to a state dict or checkpoint | an exported .onnx model "
-                   "of this architecture and classes, to train on from where it stopped (with --frozen-bn all)")
+                   "of this architecture, to train on from where it stopped (with --frozen-bn all); a model of fewer classes "
+                   "(named by its card) grows a fresh row for each new class")
     p.add_argument("--img-size", type=int, default=None, help="square input size (default: the architecture's native size)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr, help="learning rate of the new head")
@@ -54,7 +55,7 @@ def _add_train_args(p: argparse.ArgumentParser, compare: bool = False) -> None:
 
 
 def _config(args, **over):
-    from .train import TrainConfig
+    from .training.train import TrainConfig
 
     cfg = TrainConfig(
         data=getattr(args, "data", None) or ["public"], arch=getattr(args, "arch", "efficientnet_lite0"),
@@ -72,7 +73,7 @@ def _config(args, **over):
 
 
 def _add_float_head(p: argparse.ArgumentParser) -> None:
-    from .quantize import FLOAT_HEAD_CONVS
+    from .release.quantize import FLOAT_HEAD_CONVS
 
     p.add_argument("--float-head-convs", type=int, default=FLOAT_HEAD_CONVS,
                    help="int8: keep this many of the first convolutions in float (chosen for EfficientNet-Lite0; "
@@ -200,31 +201,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .architectures import UnknownArchitecture
-    from .datasets import DataError
-    from .preflight import UnreadableImages
-    from .pretrained import PretrainedError
-    from .splits import SplitError
+    from .data.datasets import DataError
+    from .data.preflight import UnreadableImages
+    from .data.splits import SplitError
+    from .networks.architectures import UnknownArchitecture
+    from .networks.pretrained import PretrainedError
 
     try:
         if getattr(args, "float_head_convs", 0) < 0:  # before minutes of loading and evaluating, not after
-            from .quantize import check_float_head
+            from .release.quantize import check_float_head
 
             check_float_head(args.float_head_convs)
         if args.cmd == "archs":
-            from .architectures import REGISTRY
+            from .networks.architectures import REGISTRY
 
             for s in REGISTRY.values():
                 print(f"{s.name:20s} {s.input_size}px  {s.description}")
             print("(and any timm model name)")
         elif args.cmd == "train":
-            from .train import train
+            from .training.train import train
 
             train(_config(args))
         elif args.cmd == "evaluate":
             from uplink_server.model import ModelNotFound
 
-            from .evaluate import evaluate, format_report
+            from .evaluation.evaluate import evaluate, format_report
 
             try:
                 res = evaluate(args.model, args.data, args.split, args.out, progress=not args.no_progress, zoom=args.zoom)
@@ -236,45 +237,45 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "quantize":
             import random
 
-            from .datasets import load_spec
-            from .quantize import quantize_model
+            from .data.datasets import load_spec
+            from .release.quantize import quantize_model
 
             recs = [r for spec in args.data for r in load_spec(spec) if r.split in ("", "train", "val")]
             random.Random(0).shuffle(recs)
             out = quantize_model(Path(args.model), Path(args.out), [r.path for r in recs], args.images, args.float_head_convs)
             print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
         elif args.cmd == "release":
-            from .release import release
+            from .release.release import release
 
             card = release(Path(args.run), args.name, Path(args.out), args.version, quantize=not args.no_int8, notes=args.note,
                            float_head=args.float_head_convs)
             print(json.dumps({k: card["evaluation"][k]["accuracy"] for k in ("kermany_official_test", "run_test_split")}))
         elif args.cmd == "release-int8":
-            from .release import release_int8
+            from .release.release import release_int8
 
             print(json.dumps(release_int8(Path(args.out), args.name, float_head=args.float_head_convs), indent=2))
         elif args.cmd == "finish":
-            from .train import finish
+            from .training.train import finish
 
             finish(Path(args.run))
         elif args.cmd == "ensemble":
-            from .ensemble import build
+            from .release.ensemble import build
 
             build([Path(m) for m in args.models], Path(args.out), command="python -m model_training " + shlex.join(sys.argv[1:] if argv is None else argv), progress=not args.no_progress)
         elif args.cmd == "unpack":
-            from .ensemble import unpack
+            from .release.ensemble import unpack
 
             for folder in unpack(Path(args.model), Path(args.out)):
                 print(folder / "model.onnx")
         elif args.cmd == "fit-gate":
-            from .train import refit_gate
+            from .release.gate import refit_gate
 
             gate = refit_gate(Path(args.run))
             print(f"gate threshold {gate.threshold:.4f} written to {Path(args.run) / 'ood.npz'}")
         elif args.cmd == "uncertainty":
             from uplink_server.model import ModelNotFound
 
-            from .uncertainty import choose, describe
+            from .evaluation.uncertainty import choose, describe
 
             try:
                 rule = choose(Path(args.model), args.data, args.target_error, args.write_card, progress=not args.no_progress)
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "triage":
             from uplink_server.model import ModelNotFound
 
-            from .triage import choose, describe
+            from .evaluation.triage import choose, describe
 
             extra = dict(a.split("=", 1) for a in args.also if "=" in a)
             try:
@@ -294,15 +295,15 @@ def main(argv: list[str] | None = None) -> int:
                 raise DataError(str(exc)) from None
             print(describe(rule) + ("\nWritten to the card." if args.write_card else ""))
         elif args.cmd == "external":
-            from .external import full, limit_per_source, screen
-            from .datasets import check_files, load_spec
+            from .data.datasets import check_files, load_spec
+            from .evaluation.external import full, limit_per_source, screen
 
             records = [r for spec in (args.data or ["mix"]) for r in load_spec(spec)]
             check_files(records)
             if args.limit_per_source:
                 records = limit_per_source(records, args.limit_per_source, args.seed)
             if args.mode == "served":
-                from .external import served
+                from .evaluation.external import served
 
                 if not args.baseline_model:
                     raise DataError("--mode served needs --baseline-model: the shipped model to test on sources it never saw")
@@ -315,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 report = full(records, _config(args, arch=args.arch, epochs=args.epochs, out=args.out), Path(args.out),
                               args.folds.split(",") if args.folds else None, progress=not args.no_progress)
-            from .external import markdown, write_to_card
+            from .evaluation.external import markdown, write_to_card
 
             print(markdown(report))
             if args.write_card:
@@ -325,8 +326,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"recorded in the card of {args.write_card}")
             print(f"written: {Path(args.out) / 'loso.json'}, loso.md, loso.png")
         elif args.cmd == "segmenter":
-            from .datasets import load_spec
-            from .segmenter import SegmenterConfig, card_markdown, train_segmenter
+            from .data.datasets import load_spec
+            from .networks.segmenter import SegmenterConfig, card_markdown, train_segmenter
 
             cfg = SegmenterConfig(out=args.out, epochs=args.epochs, batch_size=args.batch_size, val_frac=args.val_frac,
                                   limit_patients=args.limit_patients, seed=args.seed, progress=not args.no_progress)
@@ -334,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             card = train_segmenter(cfg, "python -m model_training " + shlex.join(sys.argv[1:] if argv is None else argv), check)
             print(card_markdown(card))
         elif args.cmd == "ship-check":
-            from .ship_rule import decide, load_result
+            from .release.ship_rule import decide, load_result
 
             card = None
             if args.candidate_model:
@@ -350,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "reference":
             from uplink_server.model import ModelNotFound
 
-            from .reference import build, write
+            from .release.reference import build, write
 
             try:
                 ref = build(Path(args.model), args.data, progress=not args.no_progress)
@@ -358,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise DataError(str(exc)) from None
             print(f"reference of {ref['n']} validation images written to {write(Path(args.model), ref)}")
         elif args.cmd == "compare":
-            from .compare import compare
+            from .training.compare import compare
 
             compare([a.strip() for a in args.archs.split(",")], [r.strip() for r in args.regimes.split(",")],
                     Path(args.out), _config(args), args.epochs)

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from model_training.labels import CLASSES, DISPLAY_NAMES, NORMAL, canonical_label
+from model_training.data.labels import CLASSES, DISPLAY_NAMES, NORMAL, canonical_label
 
 from .webapp_helpers import live_app, new_token, sign_in
 
@@ -36,8 +36,8 @@ def test_tuberculosis_is_appended_to_the_one_class_list():
 
 
 def test_nih_and_tb_are_sources_with_patients(data_root):
-    from model_training.datasets import load_spec
-    from model_training.splits import check_patient_disjoint, make_splits
+    from model_training.data.datasets import load_spec
+    from model_training.data.splits import check_patient_disjoint, make_splits
 
     nih, tb = load_spec("nih"), load_spec("tb")
     assert {r.label for r in nih} == {"normal", "pneumonia"} and {r.source for r in nih} == {"nih"}
@@ -54,8 +54,8 @@ def test_nih_and_tb_are_sources_with_patients(data_root):
 
 
 def test_leave_one_source_out_folds_include_nih_and_tb(data_root):
-    from model_training.datasets import load_spec
-    from model_training.external import holdout_groups
+    from model_training.data.datasets import load_spec
+    from model_training.evaluation.external import holdout_groups
 
     folds = holdout_groups(load_spec("all"))
     assert folds["nih"] == ["nih"] and folds["tb"] == ["tb"] and folds["kermany"] == ["kermany"]
@@ -66,7 +66,7 @@ def test_leave_one_source_out_folds_include_nih_and_tb(data_root):
 def _detail_above_128px(x: np.ndarray) -> float:
     """Share of a 224 px film's variance that a reduction to 128 px (and back) removes: the detail finer than
     the TB programme's stored films can hold."""
-    from model_training.augmentation import degrade_resolution
+    from model_training.data.augmentation import degrade_resolution
 
     return float(((x - degrade_resolution(x, 128 / 224)) ** 2).mean() / x.var())
 
@@ -74,7 +74,7 @@ def _detail_above_128px(x: np.ndarray) -> float:
 def test_resolution_augmentation_covers_the_blur_of_the_128px_tb_films(adult_films):
     """Sharp films degraded in training span the detail of the TB programme's 128 px films, so blur cannot stand
     for tuberculosis; as stored, the sharp films have several times more fine detail."""
-    from model_training.augmentation import LOWRES_P, PRESETS, Augmenter, degrade_resolution
+    from model_training.data.augmentation import LOWRES_P, PRESETS, Augmenter, degrade_resolution
     from uplink_server.imaging import decode
     from uplink_server.preprocessing import resize_gray
 
@@ -95,7 +95,7 @@ def test_resolution_augmentation_covers_the_blur_of_the_128px_tb_films(adult_fil
 # ---- triage -----------------------------------------------------------------------------------------------
 
 def test_triage_threshold_meets_the_sensitivity_in_every_source():
-    from model_training.triage import fit_triage, threshold_for_sensitivity
+    from model_training.evaluation.triage import fit_triage, threshold_for_sensitivity
 
     rng = np.random.default_rng(0)
     n = 400

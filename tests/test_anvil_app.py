@@ -93,7 +93,7 @@ def test_server_calls_are_what_the_uplink_and_the_server_module_register(classif
 
 def test_every_string_in_both_languages():
     s = _strings()
-    from model_training.labels import CLASSES, DISPLAY_NAMES
+    from model_training.data.labels import CLASSES, DISPLAY_NAMES
 
     fields = string.Formatter()
     for key, entry in s.STRINGS.items():

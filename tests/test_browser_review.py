@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from model_training.labels import CLASSES
+from model_training.data.labels import CLASSES
 
 from .test_browser_doctor import SIZES, _login, _upload
 from .test_recalibration import underconfident  # noqa: F401  (the fixture)

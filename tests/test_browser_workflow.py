@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from model_training.labels import CLASSES
+from model_training.data.labels import CLASSES
 
 from .test_browser_doctor import _login
 from .webapp_helpers import ADMIN, add_user, live_app, new_token, sign_in, wait_js

@@ -151,8 +151,9 @@ def test_unknown_callers_ct_slices_and_broken_instances(pacs_and_node, xray_path
     ok, status = scu_store(node_port, chest_dicom(xray_paths["covid"][0], BodyPartExamined="HAND"))
     assert ok and status == 0x0000 and _cases(base, c, tok)[0]["refusal"]["code"] == "not_chest"
     # a truncated instance: failure status, nothing left behind
-    from pydicom import dcmread
     import io
+
+    from pydicom import dcmread
 
     ds = dcmread(io.BytesIO(chest_dicom(xray_paths["covid"][0])))
     ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3]

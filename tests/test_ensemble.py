@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("torch")
 
 from model_training.cli import main  # noqa: E402
-from model_training.ensemble import WEIGHT_BUDGET_BYTES  # noqa: E402
+from model_training.release.ensemble import WEIGHT_BUDGET_BYTES  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +94,8 @@ def test_ensemble_serves_and_evaluates_like_one_model(ensemble_run, xray_paths, 
 def test_int8_ensemble_keeps_each_members_edges_float(ensemble_run, tmp_path):
     import onnx
 
-    from model_training.ensemble import ensemble_members
-    from model_training.quantize import FLOAT_TAIL_CONVS, calibration_images, method
+    from model_training.release.ensemble import ensemble_members
+    from model_training.release.quantize import FLOAT_TAIL_CONVS, calibration_images, method
 
     from .test_training import _int8_weights
 
@@ -186,7 +186,7 @@ def test_unpack_gives_back_each_member_to_pair_with_a_new_model(tiny_run, second
 def test_a_model_without_its_splits_manifest_is_refused_by_name(tiny_run, second_run, tmp_path, capsys):
     """The manifest is found beside a run's model.onnx or a shipped <name>.onnx; without it, a clear error."""
     from benchmarks.bench_ood import held_out_xrays
-    from model_training.datasets import DataError, load_spec, splits_beside, write_manifest
+    from model_training.data.datasets import DataError, load_spec, splits_beside, write_manifest
 
     assert splits_beside(tiny_run / "model.onnx") == tiny_run / "splits.csv"
     shipped = tmp_path / "shipped"

@@ -12,9 +12,9 @@ import pytest
 pytest.importorskip("torch")
 
 from model_training.cli import main  # noqa: E402
-from model_training.datasets import load_spec  # noqa: E402
-from model_training.external import fold_split, holdout_groups, limit_per_source  # noqa: E402
-from model_training.splits import check_patient_disjoint  # noqa: E402
+from model_training.data.datasets import load_spec  # noqa: E402
+from model_training.data.splits import check_patient_disjoint  # noqa: E402
+from model_training.evaluation.external import fold_split, holdout_groups  # noqa: E402
 from uplink_server.imaging import decode  # noqa: E402
 from uplink_server.preprocessing import PreprocessSpec, crop_box, equalize, preprocess  # noqa: E402
 
@@ -82,8 +82,8 @@ def test_heatmap_of_a_cropped_model_is_drawn_inside_its_box():
 
 
 def test_a_model_trained_with_equalize_and_crop_is_served_the_same_way(tmp_path, xray_paths):
-    from model_training.train import XrayDataset
-    from model_training.datasets import Record
+    from model_training.data.datasets import Record
+    from model_training.training.train import XrayDataset
     from uplink_server.model import Classifier
 
     out = tmp_path / "run"
@@ -101,7 +101,7 @@ def test_a_model_trained_with_equalize_and_crop_is_served_the_same_way(tmp_path,
 
 
 def test_source_probe_reads_a_planted_hospital_mark_and_nothing_else():
-    from model_training.probe import source_probe
+    from model_training.evaluation.probe import source_probe
 
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(240, 32))
@@ -115,7 +115,7 @@ def test_source_probe_reads_a_planted_hospital_mark_and_nothing_else():
 
 
 def test_lung_share_of_heatmaps_on_real_masks(data_root):
-    from model_training.lungs import load_masks, lung_share
+    from model_training.data.lungs import load_masks, lung_share
 
     masks = load_masks()
     assert len(masks) > 300
@@ -183,7 +183,7 @@ def test_screen_and_ship_check_on_real_images(tmp_path, tiny_model, capsys):
 
 
 def test_ship_rule_numbers():
-    from model_training.ship_rule import decide
+    from model_training.release.ship_rule import decide
 
     base = {"name": "1.5.0", "worst_covid19": {"auc": 0.66}, "in_source": {"run_test_accuracy": 0.936, "kermany_test_accuracy": 0.907}}
     good = {"name": "new", "worst_covid19": {"auc": 0.80}, "in_source": {"run_test_accuracy": 0.93, "kermany_test_accuracy": 0.90}}
@@ -213,8 +213,8 @@ def test_full_loso_fine_tunes_per_fold_and_tests_through_the_server(tmp_path, mi
 def test_a_radiograph_in_two_collections_is_not_trained_on_when_its_twin_is_held_out(tmp_path, xray_paths):
     import shutil
 
-    from model_training.datasets import Record
-    from model_training.external import image_hashes
+    from model_training.data.datasets import Record
+    from model_training.evaluation.external import image_hashes
 
     twin = tmp_path / "twin.jpg"
     shutil.copy(xray_paths["covid"][0], twin)

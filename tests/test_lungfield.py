@@ -19,8 +19,8 @@ SHIPPED = Path(__file__).resolve().parent.parent / "weights" / "lung-segmenter.o
 @pytest.fixture(scope="module")
 def unseen_masks(data_root):
     """Masks of the patients the shipped segmenter was checked on (never trained on)."""
-    from model_training.lungs import load_masks
-    from model_training.segmenter import split_by_patient
+    from model_training.data.lungs import load_masks
+    from model_training.networks.segmenter import split_by_patient
 
     card = json.loads(SHIPPED.with_name("lung-segmenter.card.json").read_text())
     _, val = split_by_patient(load_masks(), 0.2, 0)
@@ -42,7 +42,7 @@ def test_box_from_mask_ignores_specks_and_distrusts_tiny_masks():
 
 
 def test_shipped_segmenter_finds_the_lungs_of_patients_it_never_saw(unseen_masks):
-    from model_training.segmenter import box_checks, dice
+    from model_training.networks.segmenter import box_checks, dice
 
     areas = []
     for m in unseen_masks:
@@ -95,8 +95,8 @@ def test_segmenter_trains_on_the_real_masks_and_beats_a_mask_of_everything(tmp_p
 
 def test_a_model_trained_on_the_lung_field_is_served_the_same_way(tmp_path, xray_paths, monkeypatch):
     from model_training.cli import main
-    from model_training.datasets import Record
-    from model_training.train import XrayDataset
+    from model_training.data.datasets import Record
+    from model_training.training.train import XrayDataset
     from uplink_server.gradcam import in_frame
     from uplink_server.model import Classifier, ModelNotFound
 
@@ -141,7 +141,7 @@ def test_clahe_undoes_a_machines_exposure_curve(xray_paths):
 
 
 def test_screen_variants_combine_by_name():
-    from model_training.features import variant_spec
+    from model_training.evaluation.features import variant_spec
 
     spec = variant_spec("equalize+lungs")
     assert spec.intensity == "equalize" and spec.roi == "lungs" and spec.crop == 0

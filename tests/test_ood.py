@@ -47,7 +47,7 @@ def test_cheap_checks_catch_what_the_gate_misses(shipped, images, name, reason):
 
 
 def test_accepts_real_chest_xrays(shipped, data_root):
-    pytest.importorskip("model_training.datasets")
+    pytest.importorskip("model_training.data.datasets")
     paths = held_out_xrays(default_model_path())
     refused = refused_xrays(shipped, paths)
     assert len(paths) > 1500

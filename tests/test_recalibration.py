@@ -8,7 +8,6 @@ import copy
 import csv
 import json
 
-import numpy as np
 import pytest
 
 from .webapp_helpers import live_app, new_token, sign_in

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model_training.labels import CLASSES
+from model_training.data.labels import CLASSES
 
 from .webapp_helpers import add_user, live_app, new_token, sign_in
 
@@ -174,7 +174,7 @@ def test_reviewed_cases_round_trip_into_model_training(site, tmp_path, classifie
     from pathlib import Path
 
     from model_training.cli import main
-    from model_training.datasets import load_spec
+    from model_training.data.datasets import load_spec
 
     app, base, c, csrf, auth, ids, refused = site
     readings = {ids[0]: "covid19", ids[1]: "pneumonia", ids[2]: "normal", ids[3]: "other"}
@@ -228,7 +228,7 @@ def test_drift_against_the_card_warns_when_a_site_images_differ(tmp_path, tiny_r
 
     from PIL import Image
 
-    from model_training.reference import build
+    from model_training.release.reference import build
     from uplink_server.imaging import decode
     from uplink_server.model import Classifier
 

@@ -60,7 +60,7 @@ def test_uncertain_when_below_threshold(tiny_model, one_xray):
 def test_margin_rule_is_chosen_on_validation_like_data():
     import numpy as np
 
-    from model_training.uncertainty import fit_margin_rule
+    from model_training.evaluation.uncertainty import fit_margin_rule
 
     rng = np.random.default_rng(0)
     # 200 confident right answers, 20 near ties of which half are wrong

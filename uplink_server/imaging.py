@@ -16,13 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import dicom
 from .errors import Refusal
-
-MAX_BYTES = 64 * 1024 * 1024  # upload size limit
-MAX_PIXELS = 60_000_000  # e.g. 7750 x 7750; larger is refused before decoding
-# bytes a DICOM's pixel data may decode to (rows x columns x frames x samples x bytes per sample): a 16-bit
-# gray film of MAX_PIXELS fits, a colour or multi-frame one of that size does not
-MAX_DECODED_BYTES = 2 * MAX_PIXELS
-MIN_SIDE = 32
+from .limits import MAX_BYTES, MAX_PIXELS, MIN_SIDE
 
 # PIL raises DecompressionBombError at 2x its limit and only warns at 1x: we want a
 # hard refusal at our own limit, so we check the header size ourselves.

@@ -36,7 +36,7 @@ def default_segmenter_path() -> Path:
 def segmenter_input(gray: np.ndarray) -> np.ndarray:
     """(1, SIZE, SIZE) float32: the one preprocessing of the segmenter, in training and serving. Equalised, so
     every machine's exposure curve looks alike."""
-    from .preprocessing import equalize, resize_gray
+    from .pixels import equalize, resize_gray
 
     x = equalize(np.clip(resize_gray(gray, (SIZE, SIZE)), 0.0, 1.0))
     return ((x - 0.5) / 0.25).astype(np.float32)[None]

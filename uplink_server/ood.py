@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import Refusal
-from .preprocessing import resize_gray
+from .pixels import resize_gray
 
 BLANK_STD = 0.02  # gray std below this: blank or uniform
 COLOR_LIMIT = 0.08  # mean chroma above this: a colour photograph

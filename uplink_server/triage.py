@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from model_training.labels import NORMAL
+from model_training.data.labels import NORMAL
 
 
 @dataclass(frozen=True)

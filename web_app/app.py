@@ -20,6 +20,7 @@ from uplink_server.stages import stage
 
 from .config import Settings
 from .db import User, make_engine, migrate, session_factory
+from .deps import LoginRequired, csrf_token
 from .i18n import translate
 from .inference import ModelRouter, serve_uplink
 from .security import hash_password
@@ -28,10 +29,6 @@ from .writer import register as register_writer
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
-
-
-class LoginRequired(Exception):
-    pass
 
 
 # Every response: nothing loads from another origin, no page may be framed (clickjacking), types are not sniffed,
@@ -156,9 +153,10 @@ def create_app(settings: Settings | None = None, classifier="auto") -> FastAPI:
             response.headers.setdefault(k, v)
         return response
 
-    from .routes import api, pages
+    from .routes import PAGE_ROUTERS, api
 
-    app.include_router(pages.router)
+    for page_router in PAGE_ROUTERS:
+        app.include_router(page_router)
     app.include_router(api.router, prefix="/api/v1")
 
     @app.websocket("/uplink/ws")
@@ -187,7 +185,6 @@ def create_app(settings: Settings | None = None, classifier="auto") -> FastAPI:
 
             with SessionLocal() as db:
                 user = current_user(request.session, db)
-        from .deps import csrf_token
         from .security import can
 
         html = templates.get_template("error.html").render(

@@ -17,6 +17,10 @@ from .security import can, hash_token, new_csrf_token, same
 LAST_USED_RESOLUTION = dt.timedelta(minutes=1)
 
 
+class LoginRequired(Exception):
+    """A page asked for by someone not signed in: the app answers with a redirect to the sign-in page."""
+
+
 async def get_db(request: Request):
     # async: a plain generator would cost two hops through the thread pool per request (measured under load: the
     # event loop's wake-ups for them were 5 % of the web process); making a session does no I/O, and one that holds
@@ -44,8 +48,6 @@ def csrf_token(request: Request) -> str:
 
 
 def page_user(request: Request, db: Session = Depends(get_db)) -> User:
-    from .app import LoginRequired
-
     user = sessions.current_user(request.session, db)
     if user is None:
         raise LoginRequired()

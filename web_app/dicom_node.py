@@ -299,7 +299,7 @@ def node_user(db):
 # ---- the outgoing objects ----------------------------------------------------------------------------------
 
 def result_lines(outcome: dict) -> list[str]:
-    from model_training.labels import DISPLAY_NAMES
+    from model_training.data.labels import DISPLAY_NAMES
 
     name = lambda c: DISPLAY_NAMES.get(c, {}).get("en", c)  # noqa: E731
     lines = ["NEEDS A DOCTOR'S READ" if outcome.get("needs_read") else "No abnormality found by the model"]

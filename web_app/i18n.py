@@ -153,7 +153,6 @@ STRINGS: dict[str, dict[str, str]] = {
     "legend_high": {"en": "more influence", "es": "más influencia"},
     "clinic": {"en": "Clinic", "es": "Centro de salud"},
     "reviewed_by": {"en": "Reviewed by (name, signature, date)", "es": "Revisado por (nombre, firma, fecha)"},
-    "not_reviewed": {"en": "Not yet reviewed by a clinician.", "es": "Aún no revisado por un profesional."},
     "uncertainty": {"en": "Uncertainty", "es": "Incertidumbre"},
     "confident": {"en": "The model's two most likely classes are {gap} points apart.", "es": "Las dos clases más probables del modelo difieren en {gap} puntos."},
     "role_admin": {"en": "Administrator", "es": "Administrador"},

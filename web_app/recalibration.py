@@ -13,9 +13,9 @@ import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from model_training.calibration import calibrated_probs, expected_calibration_error, fit_temperature, nll
-from model_training.labels import CLASSES
-from model_training.uncertainty import fit_margin_rule
+from model_training.data.labels import CLASSES
+from model_training.evaluation.calibration import calibrated_probs, expected_calibration_error, fit_temperature, nll
+from model_training.evaluation.uncertainty import fit_margin_rule
 from uplink_server.uncertainty import margin
 
 from .db import Case, SiteCalibration, User, utcnow

@@ -15,7 +15,7 @@ import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from model_training.labels import CLASSES, NORMAL
+from model_training.data.labels import CLASSES, NORMAL
 from uplink_server import drift
 
 from .db import Case, Review, SiteSetting, User

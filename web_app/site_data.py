@@ -10,15 +10,19 @@ import re
 import zipfile
 from pathlib import Path
 
+from fastapi import HTTPException, Request
+from fastapi.responses import Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from model_training.datasets import MANIFEST_FIELDS
-from model_training.labels import CLASSES
+from model_training.data.datasets import MANIFEST_FIELDS
+from model_training.data.labels import CLASSES
 
+from . import audit
 from .config import Settings
-from .db import Case
+from .db import Case, User
 from .reviews import latest_reviews
+from .security import can
 
 LICENCE = "site data: the clinic's own images; not for redistribution"
 
@@ -52,3 +56,12 @@ def export_zip(db: Session, settings: Settings) -> tuple[bytes, int]:
         w.writerows(rows)
         zf.writestr("manifest.csv", text.getvalue())
     return buf.getvalue(), len(rows)
+
+
+def export_response(request: Request, user: User, db: Session, **audit_detail) -> Response:
+    """The reviewed cases as training data (web_app.site_data), for the page and the API."""
+    if not can(user.role, "export"):
+        raise HTTPException(403, "not allowed to export")
+    data, n = export_zip(db, request.app.state.settings)
+    audit.record(db, "export", user, request, kind="site_data", cases=n, **audit_detail)
+    return Response(data, media_type="application/zip", headers={"Content-Disposition": 'attachment; filename="site-data.zip"'})

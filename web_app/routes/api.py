@@ -37,6 +37,7 @@ from ..cases import (
 from ..db import User
 from ..deps import api_user, get_db, lang_of
 from ..i18n import next_step, refusal_text
+from ..queries import audit_query, filtered_cases, visible_case
 from ..recalibration import CalibrationError, calibration_dict, current_threshold, readiness
 from ..recalibration import apply as apply_calibration
 from ..recalibration import preview as preview_calibration
@@ -53,7 +54,7 @@ from ..reviews import (
     review_dict,
 )
 from ..security import can
-from .pages import _audit_query, _filtered, _get_case, site_export_response
+from ..site_data import export_response
 
 router = APIRouter(tags=["api"])
 
@@ -161,20 +162,20 @@ async def predict(request: Request, file: UploadFile = File(...), patient_code: 
 def list_cases(request: Request, q: str = "", date_from: str = "", date_to: str = "", limit: int = Query(100, ge=1, le=1000),
                offset: int = Query(0, ge=0), user: User = Depends(api_user), db: Session = Depends(get_db)):
     """Newest first; page with ``offset``."""
-    query = _filtered(db, user, q, date_from, date_to).limit(limit).offset(offset)
+    query = filtered_cases(db, user, q, date_from, date_to).limit(limit).offset(offset)
     return [case_dict(c) for c in db.scalars(query).all()]
 
 
 @router.get("/cases/{case_id}", response_model=CaseOut)
 def get_case(case_id: int, request: Request, user: User = Depends(api_user), db: Session = Depends(get_db)):
-    case = _get_case(db, user, case_id)
+    case = visible_case(db, user, case_id)
     audit.record(db, "case_view", user, request, case_id=case.id, page="api")
     return case_dict(case)
 
 
 @router.post("/cases/{case_id}/retry", response_model=CaseOut)
 async def retry_case(case_id: int, request: Request, user: User = Depends(api_user), db: Session = Depends(get_db)):
-    case = await classify_case(db, request.app.state.settings, request.app.state.router, _get_case(db, user, case_id), user)
+    case = await classify_case(db, request.app.state.settings, request.app.state.router, visible_case(db, user, case_id), user)
     return case_dict(case)
 
 
@@ -183,7 +184,7 @@ async def retry_case(case_id: int, request: Request, user: User = Depends(api_us
     422: {"description": "unknown reading, a refused or pending case, or a note too long: nothing is written"}})
 def review_case(case_id: int, body: ReviewIn, request: Request, user: User = Depends(api_user), db: Session = Depends(get_db)):
     """Record the doctor's reading of a case. Earlier readings are kept as history (GET .../reviews)."""
-    case = _get_case(db, user, case_id)
+    case = visible_case(db, user, case_id)
     try:
         review = add_review(db, case, user, body.reading, body.agrees, body.note)
     except ReviewError as exc:
@@ -196,7 +197,7 @@ def review_case(case_id: int, body: ReviewIn, request: Request, user: User = Dep
 @router.get("/cases/{case_id}/reviews", response_model=list[ReviewOut])
 def case_reviews(case_id: int, user: User = Depends(api_user), db: Session = Depends(get_db)):
     """Every reading of a case, newest first."""
-    return [review_dict(r) for r in history(db, _get_case(db, user, case_id).id)]
+    return [review_dict(r) for r in history(db, visible_case(db, user, case_id).id)]
 
 
 @router.get("/performance")
@@ -212,7 +213,7 @@ def site_performance(request: Request, user: User = Depends(api_user), db: Sessi
 def site_export(request: Request, user: User = Depends(api_user), db: Session = Depends(get_db)):
     """The reviewed cases as training data: images (de-identified, as stored) and manifest.csv (path, label from
     the doctor's newest reading, patient code as patient_id, source = site)."""
-    return site_export_response(request, user, db, via="api")
+    return export_response(request, user, db, via="api")
 
 
 class CalibrationIn(BaseModel):
@@ -273,7 +274,7 @@ def export(request: Request, q: str = "", date_from: str = "", date_to: str = ""
            db: Session = Depends(get_db)):
     if not can(user.role, "export"):
         raise HTTPException(403, "not allowed to export")
-    cases = db.scalars(_filtered(db, user, q, date_from, date_to)).all()
+    cases = db.scalars(filtered_cases(db, user, q, date_from, date_to)).all()
     audit.record(db, "export", user, request, cases=len(cases), q=q, date_from=date_from, date_to=date_to, via="api")
     return Response(export_csv(cases), media_type="text/csv")
 
@@ -284,7 +285,7 @@ def audit_export(request: Request, action: str = "", email: str = "", date_from:
     """The audit log as CSV (admins only), with the same filters as the Admin page."""
     if not can(user.role, "admin"):
         raise HTTPException(403, "only admins read the audit log")
-    entries = db.scalars(_audit_query(action, email, date_from, date_to)).all()
+    entries = db.scalars(audit_query(action, email, date_from, date_to)).all()
     audit.record(db, "audit_export", user, request, entries=len(entries), filter_action=action, filter_email=email, via="api")
     return Response(audit.audit_csv(entries), media_type="text/csv")
 

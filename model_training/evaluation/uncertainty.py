@@ -14,7 +14,7 @@ import numpy as np
 
 from uplink_server.uncertainty import margin
 
-from .model_card import record_in_card
+from ..release.model_card import record_in_card
 
 
 def fit_margin_rule(probs: np.ndarray, labels: np.ndarray, target_error: float = 0.02) -> dict:

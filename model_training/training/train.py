@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import os
@@ -18,22 +17,20 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomSampler
 from tqdm import tqdm
 
-from uplink_server.errors import Refusal
-from uplink_server.imaging import decode
-from uplink_server.ood import fit_gate_from_onnx
-from uplink_server.preprocessing import PreprocessSpec, preprocess
+from uplink_server.preprocessing import PreprocessSpec
 
-from . import plots
-from .architectures import DEFAULT_ARCH, create_model
-from .augmentation import Augmenter, parse_augment
-from .datasets import DataError, Record, check_files, load_spec, write_manifest
-from .export import export_onnx
-from .labels import classes_present
-from .metrics import calibrate_and_report
-from .model_card import KNN_GATE_METHOD, build_card, write_card
-from .preflight import UnreadableImages, hash_images
-from .sampling import sample_weights
-from .splits import find_near_duplicates, limit_records, make_splits, summarize
+from ..data.augmentation import Augmenter, parse_augment
+from ..data.datasets import DataError, Record, check_files, load_input, load_spec, write_manifest
+from ..data.labels import classes_present
+from ..data.preflight import UnreadableImages, hash_images
+from ..data.sampling import sample_weights
+from ..data.splits import find_near_duplicates, limit_records, make_splits, split_records, summarize
+from ..evaluation import plots
+from ..evaluation.metrics import calibrate_and_report
+from ..networks.architectures import DEFAULT_ARCH, create_model
+from ..release.export import export_onnx
+from ..release.gate import fit_ood_gate
+from ..release.model_card import build_card, write_card
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +70,6 @@ class TrainConfig:
     progress: bool = True
     device: str = "auto"  # auto: CUDA when available, else CPU
     command: str = ""
-
-
-def load_input(path: str, spec: PreprocessSpec, augment=None) -> np.ndarray:
-    """One image as the network gets it: the server's decoding and the one preprocess() (with ``augment`` in training)."""
-    try:
-        gray = decode(path).gray
-    except Refusal as exc:
-        raise DataError(f"{path}: {exc.message}") from None
-    return preprocess(gray, spec, augment)
 
 
 class XrayDataset(Dataset):
@@ -219,7 +207,7 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.frozen_bn not in ("imagenet", "adapt", "all"):
         raise DataError(f"--frozen-bn {cfg.frozen_bn!r}: use imagenet, adapt or all")
     if str(cfg.pretrained).endswith(".onnx") and cfg.frozen_bn != "all":
-        # its BatchNorms are identities over folded kernels (model_training.onnx_weights): batch statistics would undo it
+        # its BatchNorms are identities over folded kernels (model_training.networks.onnx_weights): batch statistics would undo it
         raise DataError(f"--pretrained {cfg.pretrained}: continuing from an exported model needs --frozen-bn all")
     if cfg.pretrained == "none" and cfg.finetune_blocks == 0:
         raise DataError("--pretrained none with --finetune-blocks 0 would train only a linear layer on random features")
@@ -351,46 +339,6 @@ def finish(run: Path) -> Path:
     plots.learning_curves(history, run / "learning_curves.png")
     return finalize(model, cfg, run, classes, spec, parse_augment(cfg.augment), records, by_split, eval_loaders,
                     history, int(ckpt["epoch"]), train_minutes, data_info, arch)
-
-
-def split_records(records: list[Record]) -> dict[str, list[Record]]:
-    return {s: [r for r in records if r.split == s] for s in ("train", "val", "test")}
-
-
-def refit_gate(run: Path, seed: int = 0):
-    """Fit a finished run's OOD gate again from its exported model and split; updates its card."""
-    card = json.loads((run / "model_card.json").read_text())
-    by_split = split_records(load_spec(str(run / "splits.csv")))
-    gate = fit_ood_gate(run / "model.onnx", PreprocessSpec.from_dict(card["preprocessing"]), by_split, seed)
-    gate.save(run / "ood.npz")
-    card["ood"].update({"file": "ood.npz", "threshold": gate.threshold, "method": KNN_GATE_METHOD})
-    (run / "model_card.json").write_text(json.dumps(card, indent=2))
-    return gate
-
-
-def stratified(records: list[Record], n: int, seed: int = 0) -> list[Record]:
-    """Up to ``n`` records drawn round-robin over sources (shuffled within each): a small source is not
-    crowded out of the gate's reference set by a large one."""
-    rng = random.Random(seed)
-    by_source: dict[str, list[Record]] = {}
-    for r in records:
-        by_source.setdefault(r.source, []).append(r)
-    for rs in by_source.values():
-        rng.shuffle(rs)
-    out, i = [], 0
-    while len(out) < n and any(i < len(rs) for rs in by_source.values()):
-        out += [rs[i] for _, rs in sorted(by_source.items()) if i < len(rs)]
-        i += 1
-    return out[:n]
-
-
-def fit_ood_gate(model_path: Path, spec, by_split: dict, seed: int = 0, n_fit: int = 2000, n_held: int = 1000):
-    """The refusal gate: reference X-rays from training and a threshold from validation, both drawn over every
-    source, the threshold high enough for each source's own validation X-rays (uplink_server.ood.fit_gate)."""
-    fit = stratified(by_split["train"], n_fit, seed)
-    held = stratified(by_split["val"], n_held, seed)
-    return fit_gate_from_onnx(model_path, spec, [r.path for r in fit], [r.path for r in held],
-                              held_groups=[r.source for r in held])
 
 
 def finalize(model, cfg, out, classes, spec, aug_cfg, records, by_split, eval_loaders, history, best_epoch,

@@ -118,7 +118,7 @@ def create_model(name: str = DEFAULT_ARCH, num_classes: int = 3, pretrained: str
     """Build a registered (or any timm) architecture with ``num_classes`` outputs.
 
     ``pretrained``: ``none``, ``imagenet``, a path to a state dict/checkpoint, or an exported ``.onnx`` model of
-    this architecture (every weight, the classifier too: see model_training.onnx_weights). With ``classes`` (the
+    this architecture (every weight, the classifier too: see model_training.networks.onnx_weights). With ``classes`` (the
     network's class names), an exported model of fewer classes continues into this network: its head grows.
     """
     import timm

@@ -12,13 +12,17 @@ import csv
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .labels import LabelError, canonical_label
+
+if TYPE_CHECKING:
+    import numpy as np
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
 SPLITS = ("train", "val", "test")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def data_root() -> Path:
@@ -212,3 +216,16 @@ def splits_beside(model_path: Path) -> Path | None:
     stem = model_path.name.rsplit(".", 1)[0]
     return next((p for p in (model_path.with_name(stem + ".splits.csv"), model_path.parent / "splits.csv")
                  if p.is_file()), None)
+
+
+def load_input(path: str, spec, augment=None) -> np.ndarray:
+    """One image as the network gets it: the server's decoding and the one preprocess() (with ``augment`` in training)."""
+    from uplink_server.errors import Refusal  # here, not at the top: reading a manifest needs no image stack
+    from uplink_server.imaging import decode
+    from uplink_server.preprocessing import preprocess
+
+    try:
+        gray = decode(path).gray
+    except Refusal as exc:
+        raise DataError(f"{path}: {exc.message}") from None
+    return preprocess(gray, spec, augment)

@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from uplink_server.preprocessing import PreprocessSpec
 
-from .architectures import create_model
-from .datasets import Record
+from ..data.datasets import Record
+from ..networks.architectures import create_model
 
 # Preprocessing variants a screen compares, by name (see PreprocessSpec): what the backbone sees. Names
 # join with "+" (equalize+lungs).
@@ -92,7 +92,7 @@ def extract(records: list[Record], spec: PreprocessSpec, arch: str = "efficientn
             map_paths: list[str] | None = None, cache_dir: Path | None = None, batch_size: int = 64,
             progress: bool = True) -> Features:
     """Features of every record through a frozen (ImageNet or given) backbone, cached under ``cache_dir``."""
-    from .train import load_input  # what the training loader gives the network
+    from ..data.datasets import load_input  # what the training loader gives the network
 
     paths = sorted({r.path for r in records})
     map_paths = sorted(set(map_paths or []) & set(paths))

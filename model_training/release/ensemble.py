@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import plots
-from .calibration import calibrated_probs
-from .datasets import DataError, load_spec, splits_beside, write_manifest
-from .metrics import calibrate_and_report
+from ..data.datasets import DataError, load_spec, splits_beside, write_manifest
+from ..evaluation import plots
+from ..evaluation.calibration import calibrated_probs
+from ..evaluation.metrics import calibrate_and_report
 from .model_card import KNN_GATE_METHOD, library_versions, write_card
 
 MEMBER_PREFIX = "m{}/"
@@ -287,8 +287,9 @@ def build(members: list[Path], out: Path, command: str = "", progress: bool = Tr
 
     from uplink_server.model import Classifier
 
-    from .evaluate import predict_records
-    from .train import fit_ood_gate, split_records
+    from ..data.splits import split_records
+    from ..evaluation.evaluate import predict_records
+    from .gate import fit_ood_gate
 
     members = [Path(m) for m in members]
     if len(members) < 2:

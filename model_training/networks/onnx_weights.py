@@ -35,7 +35,7 @@ def _initializers(path: Path):
     import onnx
     from onnx import numpy_helper
 
-    from .ensemble import ensemble_members
+    from ..release.ensemble import ensemble_members
 
     model = onnx.load(str(path))
     if ensemble_members(model) > 1:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets import DataError, load_spec, write_manifest
+from ..data.datasets import DataError, load_spec, write_manifest
+from ..evaluation.evaluate import evaluate
+from ..evaluation.framing import FACTORS, framing_checks
 from .ensemble import ensemble_members
-from .evaluate import evaluate
-from .framing import FACTORS, framing_checks
 from .model_card import card_markdown
 from .quantize import FLOAT_HEAD_CONVS, quantize_model
 from .quantize import method as int8_method

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .labels import NORMAL
+from ..data.labels import NORMAL
+from ..release.model_card import record_in_card
 from .metrics import bootstrap_auc_ci
-from .model_card import record_in_card
 
 TARGET_SENSITIVITY = 0.95
 MIN_ABNORMAL = 10  # fewer abnormal validation films in a source: too few to set a threshold by
@@ -98,7 +98,7 @@ def choose(model_path: Path, data: str | None, target: float, write_card: bool, 
            extra_tests: dict[str, str] | None = None) -> dict:
     """Fit the rule on the model's validation split, report it on its test split (held-out patients) and on
     ``extra_tests`` ({name: data spec}, e.g. Kermany's official test), and write both into the card."""
-    from .datasets import load_spec, splits_beside
+    from ..data.datasets import load_spec, splits_beside
     from .evaluate import predict_records, predict_validation
 
     clf, logits, kept = predict_validation(model_path, data, progress)

@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+from ..data.datasets import Record, write_manifest
+from ..data.labels import CLASSES, NORMAL
+from ..data.splits import find_near_duplicates, make_splits
 from .calibration import calibrated_probs, fit_temperature
-from .datasets import Record, write_manifest
-from .labels import CLASSES, NORMAL
 from .metrics import binary_operating_point, bootstrap_auc_ci, compute_metrics
-from .splits import find_near_duplicates, make_splits
 
 POSITIVE = "covid19"
 MIN_SPECIFICITY = 0.80  # the issue's operating point: sensitivity at specificity >= 0.80
@@ -80,7 +80,7 @@ def image_hashes(records: list[Record], progress: bool = True) -> dict:
     """{path: perceptual hash} (cached on disk by preflight), for fold_split's near-duplicate check."""
     import os
 
-    from .preflight import hash_images
+    from ..data.preflight import hash_images
 
     hashes, _ = hash_images(records, workers=max(1, os.cpu_count() or 1), progress=progress)
     return {r.path: h for r, h in zip(records, hashes)}
@@ -90,7 +90,7 @@ def limit_per_source(records: list[Record], n: int, seed: int = 0) -> list[Recor
     """At most ``n`` images of each (source, class), whole patients first come first (quick runs and tests)."""
     import random
 
-    from .splits import group_key
+    from ..data.splits import group_key
 
     rng = random.Random(seed)
     groups = defaultdict(list)
@@ -244,7 +244,7 @@ def screen(records: list[Record], out: Path, variants: list[str], recipes: list[
            pretrained: str = "imagenet", baseline_model: Path | None = None, seed: int = 0, progress: bool = True) -> dict:
     """LOSO of every (preprocessing variant, head recipe) on frozen features; also each one's in-source
     accuracy, source probe and heatmap share on the lungs. Writes loso.json, loso.md and loso.png."""
-    from . import lungs
+    from ..data import lungs
     from .features import extract, variant_spec
     from .probe import source_probe
 
@@ -315,7 +315,7 @@ def shipped_checks(model_path: Path, records: list[Record], masks, seed: int = 0
     doctor sees). Not held-out numbers: the model has seen every source."""
     from uplink_server.model import Classifier
 
-    from . import lungs
+    from ..data import lungs
     from .evaluate import predict_records
     from .probe import source_probe
 
@@ -346,8 +346,8 @@ def full(records: list[Record], cfg, out: Path, only: list[str] | None = None, p
     server's model loading on the held-out sources."""
     from uplink_server.model import Classifier
 
+    from ..training.train import train
     from .evaluate import predict_records
-    from .train import train
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -386,7 +386,7 @@ def served(model_path: Path, records: list[Record], out: Path, progress: bool = 
     own splits manifest lists are refused: those are not held out."""
     from uplink_server.model import Classifier
 
-    from .datasets import load_spec, splits_beside
+    from ..data.datasets import load_spec, splits_beside
     from .evaluate import predict_records
 
     clf = Classifier(model_path)
@@ -561,7 +561,7 @@ CARD_SECTION = "Hospitals it has not seen (leave one source out)"
 def card_summary(report: dict, recipe: str, command: str = "") -> dict:
     """What a model card keeps of a LOSO report: the folds of ``recipe`` (the shipped model's recipe), the
     best other recipe and the ship rule between them, the source probes and the heatmap share on the lungs."""
-    from .ship_rule import decide
+    from ..release.ship_rule import decide
 
     res = report["results"][recipe]
     keep = ("n", "accuracy", "ece", "counts", "auc", "covid19", "triage", "lung_share")
@@ -639,7 +639,7 @@ def write_to_card(model_path: Path, report: dict, recipe: str, command: str = ""
 
     from uplink_server.model import find_card
 
-    from .model_card import markdown_path, replace_section
+    from ..release.model_card import markdown_path, replace_section
 
     card_path = find_card(Path(model_path))
     if card_path is None:

@@ -159,3 +159,7 @@ def find_near_duplicates(records: list[Record], hashes: np.ndarray, max_distance
                 o = others[j]
                 out.append(NearDuplicate(records[i].path, records[o].path, s, records[o].split, int(d[j])))
     return out
+
+
+def split_records(records: list[Record]) -> dict[str, list[Record]]:
+    return {s: [r for r in records if r.split == s] for s in ("train", "val", "test")}

@@ -24,8 +24,8 @@ from tqdm import tqdm
 from uplink_server.imaging import decode
 from uplink_server.lungfield import SIZE, box_from_mask, segmenter_input
 
-from . import lungs
-from .model_card import markdown_path
+from ..data import lungs
+from ..release.model_card import markdown_path
 
 VERSION = "1.0.0"
 

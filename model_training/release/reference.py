@@ -9,12 +9,12 @@ from pathlib import Path
 from uplink_server import drift
 from uplink_server.imaging import decode
 
-from .labels import NORMAL
-from .triage import triage_scores
+from ..data.labels import NORMAL
+from ..evaluation.triage import triage_scores
 
 
 def build(model_path: Path, data: str | None = None, progress: bool = True) -> dict:
-    from .evaluate import predict_validation
+    from ..evaluation.evaluate import predict_validation
 
     clf, logits, kept = predict_validation(model_path, data, progress)
     probs = clf.probabilities(logits)

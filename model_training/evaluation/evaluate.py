@@ -15,8 +15,8 @@ from uplink_server.imaging import decode
 from uplink_server.model import Classifier
 from uplink_server.ood import thumbnail
 
+from ..data.datasets import check_files, load_spec
 from . import plots
-from .datasets import check_files, load_spec
 from .framing import tighter
 from .metrics import binary_operating_point, split_metrics, summary_line
 
@@ -69,7 +69,7 @@ def predict_records(clf: Classifier, records, batch_size: int = 32, progress: bo
 def predict_validation(model_path: Path, data: str | None = None, progress: bool = True):
     """(classifier, raw logits, kept records) of a model on its validation split: the one in ``data``, else in the
     splits manifest saved beside the model. What the uncertainty rule and the drift reference are chosen on."""
-    from .datasets import splits_beside
+    from ..data.datasets import splits_beside
 
     clf = Classifier(model_path)
     spec = data or splits_beside(Path(model_path))

@@ -1,0 +1,1 @@
+"""Networks: the architecture registry (create_model), ImageNet and exported weights, the lung segmenter."""

@@ -1,0 +1,1 @@
+"""Release: export to ONNX, int8, ensembles, model cards, the drift reference, the ship rule."""

@@ -1,0 +1,1 @@
+"""Training: the training loop (train, finish) and the comparison of architectures and recipes."""
