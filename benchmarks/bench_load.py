@@ -217,7 +217,22 @@ def breakdown(before: dict, after: dict, answers: int, cpu_s: float | None, wall
     if cpu_s is not None:
         print(f"{'':8s} web process CPU {1000 * cpu_s / max(1, answers):.1f} core-ms per answer "
               f"({cpu_s / wall:.2f} cores busy of {os.cpu_count()})", flush=True)
-    return {"wall": ms, "cpu": cpu, "request": request, "cpu_ms": None if cpu_s is None else 1000 * cpu_s / max(1, answers)}
+    transactions, units = writer_counts(before, after)
+    if transactions:
+        print(f"{'':8s} database writer: {transactions} transactions for {units} units, mean {units / transactions:.2f} "
+              "per transaction", flush=True)
+    return {"wall": ms, "cpu": cpu, "request": request, "cpu_ms": None if cpu_s is None else 1000 * cpu_s / max(1, answers),
+            "writer_transactions": transactions, "writer_units": units}
+
+
+def writer_counts(before: dict, after: dict) -> tuple[int, int]:
+    """Transactions and units the group writer committed between two stage snapshots (web_app.writer)."""
+    from web_app.writer import UNITS_STAGE, WRITER_STAGE
+
+    def delta(name):
+        return after.get(name, {}).get("count", 0) - before.get(name, {}).get("count", 0)
+
+    return delta(WRITER_STAGE), delta(UNITS_STAGE)
 
 
 def _py_spy(stack: Stack, args, name: str):

@@ -148,6 +148,23 @@ def test_the_group_writer_lands_every_callers_row_once(tmp_path):
     assert w.units == 16 and w.batches == len(commits)  # one commit per batch (how many met in one: timing)
 
 
+def test_the_stage_clock_counts_the_writers_transactions_and_units(tmp_path):
+    """bench_load reports units per transaction from the stage clock: the counts are the writer's own."""
+    from benchmarks.bench_load import writer_counts
+    from uplink_server.stages import CLOCK
+    from web_app import writer as wmod
+
+    engine = _engine(tmp_path)
+    before = CLOCK.snapshot()
+    w = wmod.GroupWriter(engine)  # five units queued before the thread starts: they meet in one transaction
+    futs = [w.submit(_insert(f"q{k}")) for k in range(5)]
+    w.start()
+    assert all(f.result(10) for f in futs)
+    w.submit(_insert("alone")).result(10)
+    w.stop()
+    assert writer_counts(before, CLOCK.snapshot()) == (w.batches, w.units) == (2, 6)
+
+
 def test_a_failing_unit_fails_only_its_own_caller(tmp_path):
     from web_app import writer as wmod
 
