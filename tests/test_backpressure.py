@@ -123,6 +123,37 @@ def test_the_resumer_leaves_a_case_being_analysed_alone(tmp_path, one_xray):
             assert db.get(Case, case_id).refusal_code == "interrupted"
 
 
+def test_a_resumer_leaves_another_nodes_case_alone_until_its_claim_lapses(tmp_path, one_xray):
+    """Two web nodes on one database: a case node B is analysing is pending with no reason, and it is not in node A's
+    own in-flight set. A's resumer must leave it to B (else the model works twice and B's wait is replaced) until
+    B's claim is older than the lease (B died); two resumers racing for a free case get it once."""
+    import datetime as dt
+
+    from web_app import cases
+    from web_app.db import Case
+
+    with live_app(tmp_path / "data", classifier=None, resume_interval_s=3600) as (app, base):
+        c, csrf = sign_in(base)
+        case_id = _burst(base, new_token(c, csrf), one_xray.read_bytes(), 1)[0].json()["case_id"]
+        with app.state.SessionLocal() as db:
+            case = db.get(Case, case_id)
+            assert case.claimed_at is None  # its analysis ended (no model): free for any resumer
+            case.refusal_code, case.refusal_message = None, None  # node B started analysing it just now
+            case.claimed_at = dt.datetime.utcnow()
+            db.commit()
+            assert case_id not in [x.id for x in cases.resumable(db, 10)]
+            assert db.get(Case, case_id).refusal_code is None  # not called interrupted either
+            case.claimed_at = dt.datetime.utcnow() - dt.timedelta(seconds=cases.CLAIM_LEASE_S + 1)  # B died
+            db.commit()
+            with app.state.SessionLocal() as other:  # node A and node C, the same moment
+                first, second = cases.resumable(db, 10), cases.resumable(other, 10)
+            assert [x.id for x in first] == [case_id] and second == []
+            assert db.get(Case, case_id).refusal_code == "interrupted"
+            cases.release_claims(db, first)  # the model filled up before A got to it: free again at once
+            with app.state.SessionLocal() as other:
+                assert [x.id for x in cases.resumable(other, 10)] == [case_id]
+
+
 def test_the_serving_breakdown_counts_every_stage_of_an_upload(tmp_path, classifier, one_xray):
     """GET /api/v1/stages: what bench_load turns into milliseconds per answer. Ten uploads through the API pass
     each stage of the path ten times (decode once: the model takes the pixels decoded at upload; no PNG: the

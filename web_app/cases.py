@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import io
 import logging
 import uuid
@@ -12,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 from starlette.concurrency import run_in_threadpool
 
-from model_training.labels import CLASSES
+from model_training.data.labels import CLASSES
 from uplink_server import deidentify, drift, gradcam
 from uplink_server.errors import Refusal
 from uplink_server.imaging import DecodedImage, decode
@@ -28,12 +29,12 @@ from uplink_server.uncertainty import margin
 from . import writer
 from .broker import JobPending
 from .config import Settings
-from .db import AuditLog, Case, User
+from .db import AuditLog, Case, User, utcnow
 from .inference import Job, ModelRouter, ModelUnavailable, Outcome, Saturated
 from .recalibration import active as active_calibration
-from .spreadsheet import to_csv
 from .recalibration import apply_to as apply_calibration
 from .reviews import model_key, review_dict
+from .spreadsheet import to_csv
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +236,7 @@ def create_case(db: Session, settings: Settings, user: User, upload: Upload,
         if refusal is not None:
             case.status, case.refusal_code, case.refusal_message = "refused", refusal.code, refusal.message
         else:
-            case.status, case.job_id, case.attempts = "pending", uuid.uuid4().hex, 1
+            case.status, case.job_id, case.attempts, case.claimed_at = "pending", uuid.uuid4().hex, 1, utcnow()
         for attr in _NULL_AT_INSERT:  # given, not left for the INSERT to fill: the reply reads them without a query
             if attr not in case.__dict__:
                 setattr(case, attr, None)
@@ -303,7 +304,8 @@ async def _classify(db: Session, settings: Settings, router: ModelRouter, case: 
         data, decoded = fresh.data, fresh.image  # the stored file's bytes and the same pixels, decoded moments ago
     else:
         data, decoded = await run_in_threadpool((settings.upload_dir / case.image_path).read_bytes), None
-        case.attempts = (case.attempts or 0) + 1  # a fresh case's first try was counted at its INSERT
+        case.attempts = (case.attempts or 0) + 1  # a fresh case's first try was counted (and claimed) at its INSERT
+        case.claimed_at = utcnow()
     if case.job_id is None:  # a retry of an answered case: a new attempt
         case.job_id = uuid.uuid4().hex
     case_id = case.id
@@ -345,20 +347,39 @@ async def analyse_upload(db: Session, settings: Settings, router: ModelRouter, u
 
 
 MAX_ATTEMPTS = 6  # automatic tries of a pending case before it waits for a person's Retry
+CLAIM_LEASE_S = 120.0  # an analysis ends (answer, or pending with a reason) within the model timeout: twice that
 
 
-def resumable(db: Session, limit: int) -> list[Case]:
-    """Pending cases the resumer may try again: with an image, fewer than MAX_ATTEMPTS tries, oldest first.
-    A case left pending without a reason (the app was killed mid-analysis) is marked ``interrupted``."""
+def resumable(db: Session, limit: int, lease_s: float = CLAIM_LEASE_S) -> list[Case]:
+    """Pending cases the resumer may try again, claimed for it: with an image, fewer than MAX_ATTEMPTS tries, oldest
+    first, and not being analysed, here (``_in_flight``) or on another web node sharing the database (claimed less
+    than ``lease_s`` ago). The claim is one conditional UPDATE per case, so of two nodes' resumers only one gets it.
+    A case left pending without a reason (its node was killed mid-analysis) is marked ``interrupted``."""
+    stale = utcnow() - dt.timedelta(seconds=lease_s)
+    free = or_(Case.claimed_at.is_(None), Case.claimed_at < stale)
     rows = db.scalars(select(Case).where(Case.status == "pending", Case.image_path != "",
-                                         func.coalesce(Case.attempts, 0) < MAX_ATTEMPTS,
+                                         func.coalesce(Case.attempts, 0) < MAX_ATTEMPTS, free,
                                          Case.id.not_in(list(_in_flight)))
                       .order_by(Case.id).limit(limit)).all()
+    now, taken = utcnow(), []
     for c in rows:
+        if db.execute(update(Case).where(Case.id == c.id, Case.status == "pending", free)
+                      .values(claimed_at=now).execution_options(synchronize_session=False)).rowcount != 1:
+            continue  # another node's resumer claimed it between the SELECT and here
+        c.claimed_at = now
         if not c.refusal_code:
             c.refusal_code, c.refusal_message = "interrupted", Refusal("interrupted").message
+        taken.append(c)
     db.commit()
-    return rows
+    return taken
+
+
+def release_claims(db: Session, cases: list[Case]) -> None:
+    """Claims the resumer took but did not use (the model filled up): free at once, not after the lease."""
+    if cases:
+        db.execute(update(Case).where(Case.id.in_([c.id for c in cases]), Case.status == "pending")
+                   .values(claimed_at=None).execution_options(synchronize_session=False))
+        db.commit()
 
 
 async def resume_pending(SessionLocal, settings: Settings, router: ModelRouter, interval_s: float = 5.0,
@@ -371,9 +392,10 @@ async def resume_pending(SessionLocal, settings: Settings, router: ModelRouter, 
             continue
         try:
             with SessionLocal() as db:
-                cases = await run_in_threadpool(resumable, db, batch)
-                for case in cases:
+                cases = await run_in_threadpool(resumable, db, batch, 2 * settings.uplink_timeout_s)
+                for i, case in enumerate(cases):
                     if router.saturated:
+                        await run_in_threadpool(release_claims, db, cases[i:])
                         break
                     await classify_case(db, settings, router, case, None)
         except asyncio.CancelledError:
@@ -384,8 +406,8 @@ async def resume_pending(SessionLocal, settings: Settings, router: ModelRouter, 
 
 def _mark_pending(db: Session, case: Case, job_id: str, code: str) -> Case:
     # conditional: the result may have landed meanwhile (a late broker answer)
-    db.execute(update(Case).where(Case.id == case.id, Case.job_id == job_id)
-               .values(status="pending", refusal_code=code, refusal_message=Refusal(code).message))
+    db.execute(update(Case).where(Case.id == case.id, Case.job_id == job_id)  # the attempt ended: free to resume
+               .values(status="pending", refusal_code=code, refusal_message=Refusal(code).message, claimed_at=None))
     db.commit()
     db.refresh(case)
     return case
@@ -490,13 +512,6 @@ def result_writer(SessionLocal, settings: Settings):
             apply_outcome(db, settings, job, Outcome(result, png, f"broker:{body.get('served_by', '')}"))
 
     return write
-
-
-def visible_cases(db: Session, user: User, can_view_all: bool):
-    q = select(Case).order_by(Case.created_at.desc(), Case.id.desc())
-    if not can_view_all:
-        q = q.where(Case.created_by == user.id)
-    return q
 
 
 def case_dict(case: Case) -> dict:

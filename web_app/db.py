@@ -8,8 +8,6 @@ import threading
 import time
 from pathlib import Path
 
-from model_training.labels import NORMAL
-from uplink_server.stages import CLOCK
 from sqlalchemy import (
     JSON,
     Boolean,
@@ -30,6 +28,9 @@ from sqlalchemy.orm import (
     relationship,
     sessionmaker,
 )
+
+from model_training.data.labels import NORMAL
+from uplink_server.stages import CLOCK
 
 ROLES = ("admin", "doctor", "technician")
 
@@ -82,6 +83,9 @@ class Case(Base):
     # NULL for cases from before 2.0.0 (see ``triage_flag``)
     needs_read: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     attempts: Mapped[int | None] = mapped_column(Integer, nullable=True)  # model runs tried (resumer's bound)
+    # when an analysis of this pending case last started, on any node: the resumers of other nodes leave it alone
+    # until a lease has passed (cases.resumable); None once that analysis ended without an answer
+    claimed_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     triage_threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
     creator: Mapped[User] = relationship()
 
