@@ -42,6 +42,23 @@ def test_upload_page_flow_and_history(app_local, xray_paths):
     assert csv_text.splitlines()[0].startswith("id,patient_code") and "EC-001" in csv_text
 
 
+def test_a_dicom_upload_is_parsed_once(app_local, xray_paths, monkeypatch):
+    """Decoding, de-identification, storage and the model all work from the one pydicom Dataset read at upload."""
+    import pydicom
+    from PIL import Image
+
+    app, base = app_local
+    c, csrf = sign_in(base)
+    dcm = make_dicom(np.asarray(Image.open(xray_paths["covid"][0]).convert("L")))
+    reads = []
+    real = pydicom.dcmread
+    monkeypatch.setattr(pydicom, "dcmread", lambda *a, **k: reads.append(1) or real(*a, **k))
+    r = c.post("/api/v1/predict", files={"file": ("x.dcm", dcm, "application/dicom")},
+               headers={"Authorization": f"Bearer {new_token(c, csrf)}"})
+    assert r.status_code == 200 and r.json()["status"] == "done"
+    assert len(reads) == 1
+
+
 def zip_of(paths) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
