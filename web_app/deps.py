@@ -54,6 +54,13 @@ def page_user(request: Request, db: Session = Depends(get_db)) -> User:
     return user
 
 
+def admin_page_user(user: User = Depends(page_user)) -> User:
+    """A signed-in admin, for the admin pages (403 for anyone else)."""
+    if not can(user.role, "admin"):
+        raise HTTPException(403)
+    return user
+
+
 def api_user(request: Request, db: Session = Depends(get_db)) -> User:
     auth = request.headers.get("authorization", "")
     if auth.lower().startswith("bearer "):

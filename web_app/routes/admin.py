@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from .. import audit, sessions
 from ..db import ROLES, User
-from ..deps import check_csrf, get_db, lang_of, page_user
+from ..deps import admin_page_user, check_csrf, get_db, lang_of, page_user
 from ..i18n import translate
 from ..queries import audit_query
 from ..reviews import (
@@ -23,7 +23,7 @@ from ..reviews import (
     set_site_flag,
     site_flag,
 )
-from ..security import can, hash_password
+from ..security import hash_password
 from ..site_data import export_response
 from ..templating import render
 
@@ -32,11 +32,9 @@ router = APIRouter(include_in_schema=False)
 
 @router.post("/admin/site")
 def admin_site(request: Request, technicians_review: str = Form(""), csrf_token_: str = Form("", alias="csrf_token"),
-               user: User = Depends(page_user), db: Session = Depends(get_db)):
+               user: User = Depends(admin_page_user), db: Session = Depends(get_db)):
     """Site switches: whether technicians may review cases and see the site's performance."""
     check_csrf(request, csrf_token_)
-    if not can(user.role, "admin"):
-        raise HTTPException(403)
     set_site_flag(db, TECHNICIANS_REVIEW, technicians_review == "1")
     audit.record(db, "site_setting", user, request, technicians_review=technicians_review == "1")
     return RedirectResponse("/admin?saved=1", status_code=303)
@@ -44,9 +42,7 @@ def admin_site(request: Request, technicians_review: str = Form(""), csrf_token_
 
 @router.get("/admin")
 async def admin(request: Request, added: str = "", updated: str = "", ended: str = "", saved: int = 0,
-                user: User = Depends(page_user), db: Session = Depends(get_db)):
-    if not can(user.role, "admin"):
-        raise HTTPException(403)
+                user: User = Depends(admin_page_user), db: Session = Depends(get_db)):
     lang = lang_of(request)
     message = ""
     if added and (u := db.scalar(select(User).where(User.email == added))):
@@ -68,10 +64,8 @@ async def admin(request: Request, added: str = "", updated: str = "", ended: str
 @router.post("/admin/users")
 def add_user(request: Request, email: str = Form(...), name: str = Form(""), password: str = Form(...),
              role: str = Form("technician"), csrf_token_: str = Form("", alias="csrf_token"),
-             user: User = Depends(page_user), db: Session = Depends(get_db)):
+             user: User = Depends(admin_page_user), db: Session = Depends(get_db)):
     check_csrf(request, csrf_token_)
-    if not can(user.role, "admin"):
-        raise HTTPException(403)
     email = email.strip().lower()
     if role not in ROLES or len(password) < 8 or db.scalar(select(User).where(User.email == email)):
         raise HTTPException(400, "invalid user: unknown role, password under 8 characters, or email taken")
@@ -80,9 +74,7 @@ def add_user(request: Request, email: str = Form(...), name: str = Form(""), pas
     return RedirectResponse(f"/admin?added={email}", status_code=303)
 
 
-def _managed_user(db: Session, admin_user: User, user_id: int) -> User:
-    if not can(admin_user.role, "admin"):
-        raise HTTPException(403)
+def _managed_user(db: Session, user_id: int) -> User:
     target = db.get(User, user_id)
     if target is None:
         raise HTTPException(404)
@@ -91,9 +83,9 @@ def _managed_user(db: Session, admin_user: User, user_id: int) -> User:
 
 @router.post("/admin/users/{user_id}/active")
 def set_active(user_id: int, request: Request, active: int = Form(...), csrf_token_: str = Form("", alias="csrf_token"),
-               user: User = Depends(page_user), db: Session = Depends(get_db)):
+               user: User = Depends(admin_page_user), db: Session = Depends(get_db)):
     check_csrf(request, csrf_token_)
-    target = _managed_user(db, user, user_id)
+    target = _managed_user(db, user_id)
     if target.id == user.id:
         raise HTTPException(400, "you cannot deactivate yourself")
     target.active = bool(active)  # a deactivated user's session and API tokens stop working at once
@@ -103,9 +95,9 @@ def set_active(user_id: int, request: Request, active: int = Form(...), csrf_tok
 
 @router.post("/admin/users/{user_id}/password")
 def set_password(user_id: int, request: Request, password: str = Form(...), csrf_token_: str = Form("", alias="csrf_token"),
-                 user: User = Depends(page_user), db: Session = Depends(get_db)):
+                 user: User = Depends(admin_page_user), db: Session = Depends(get_db)):
     check_csrf(request, csrf_token_)
-    target = _managed_user(db, user, user_id)
+    target = _managed_user(db, user_id)
     if len(password) < 8:
         raise HTTPException(400, "the password needs at least 8 characters")
     target.password_hash = hash_password(password)
@@ -121,9 +113,7 @@ def set_password(user_id: int, request: Request, password: str = Form(...), csrf
 
 @router.get("/admin/audit")
 def audit_page(request: Request, action: str = "", email: str = "", date_from: str = "", date_to: str = "",
-               user: User = Depends(page_user), db: Session = Depends(get_db)):
-    if not can(user.role, "admin"):
-        raise HTTPException(403)
+               user: User = Depends(admin_page_user), db: Session = Depends(get_db)):
     entries = db.scalars(audit_query(action, email, date_from, date_to).limit(500)).all()
     return render(request, "audit.html", user, entries=entries, actions=audit.ACTIONS, action=action, email=email,
                   date_from=date_from, date_to=date_to)
@@ -131,9 +121,7 @@ def audit_page(request: Request, action: str = "", email: str = "", date_from: s
 
 @router.get("/admin/audit.csv")
 def audit_export(request: Request, action: str = "", email: str = "", date_from: str = "", date_to: str = "",
-                 user: User = Depends(page_user), db: Session = Depends(get_db)):
-    if not can(user.role, "admin"):
-        raise HTTPException(403)
+                 user: User = Depends(admin_page_user), db: Session = Depends(get_db)):
     entries = db.scalars(audit_query(action, email, date_from, date_to)).all()
     audit.record(db, "audit_export", user, request, entries=len(entries), filter_action=action, filter_email=email)
     return Response(audit.audit_csv(entries), media_type="text/csv",

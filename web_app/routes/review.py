@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from .. import audit
 from ..db import Case, User
-from ..deps import check_csrf, get_db, lang_of, page_user
+from ..deps import admin_page_user, check_csrf, get_db, lang_of, page_user
 from ..i18n import translate
 from ..queries import visible_case
 from ..recalibration import CalibrationError, current_threshold, readiness
@@ -124,12 +124,10 @@ def performance_export(fmt: str, request: Request, user: User = Depends(page_use
 
 @router.post("/performance/recalibrate")
 def recalibrate_page(request: Request, model: str = Form(""), action: str = Form("preview"),
-                     csrf_token_: str = Form("", alias="csrf_token"), user: User = Depends(page_user),
+                     csrf_token_: str = Form("", alias="csrf_token"), user: User = Depends(admin_page_user),
                      db: Session = Depends(get_db)):
     """Preview a site calibration, or apply it as a new version; a refusal says why and changes nothing."""
     check_csrf(request, csrf_token_)
-    if not can(user.role, "admin"):
-        raise HTTPException(403)
     threshold = current_threshold(db, model, request.app.state.router.local)
     try:
         if action != "apply":
@@ -143,10 +141,8 @@ def recalibrate_page(request: Request, model: str = Form(""), action: str = Form
 
 @router.post("/performance/rollback")
 def rollback_page(request: Request, model: str = Form(""), csrf_token_: str = Form("", alias="csrf_token"),
-                  user: User = Depends(page_user), db: Session = Depends(get_db)):
+                  user: User = Depends(admin_page_user), db: Session = Depends(get_db)):
     check_csrf(request, csrf_token_)
-    if not can(user.role, "admin"):
-        raise HTTPException(403)
     try:
         rollback_calibration(db, model)
     except CalibrationError as exc:
