@@ -245,3 +245,53 @@ def test_uncertainty_rule_and_drift_reference_are_chosen_on_the_validation_split
     assert "## Uncertainty rule" in (run / "model_card.md").read_text()
     assert main(["reference", "--model", str(run / "model.onnx")]) == 2
     assert "no splits manifest" in capsys.readouterr().err
+
+
+def test_the_loso_plot_shows_triage_where_a_report_has_no_covid_folds(tmp_path):
+    """Folds of adult sources (nih, tb) carry triage AUCs only: the card's plot shows those, not an empty chart."""
+    from model_training.evaluation.external import plot
+
+    report = {"folds": {"nih": ["nih"], "tb": ["tb"]},
+              "results": {"full": {"folds": {"nih": {"triage": {"roc_auc": 0.62}}, "tb": {"triage": {"roc_auc": 0.61}}}}}}
+    plot(report, tmp_path / "triage.png")
+    assert (tmp_path / "triage.png").stat().st_size > 1000
+    plot({"folds": {"nih": ["nih"]}, "results": {"full": {"folds": {"nih": {}}}}}, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()  # nothing measured: no chart
+
+
+def test_a_fine_tuned_run_in_the_card_keeps_the_screen_of_every_source(tmp_path, tiny_model):
+    """Two fine-tuned folds written to a card do not erase its screen of six sources: each mode keeps its table and plot."""
+    import shutil
+
+    from model_training.evaluation.external import plot, write_to_card
+
+    carded = tmp_path / "carded"
+    shutil.copytree(tiny_model.parent, carded)
+
+    def report(mode, recipe, folds, auc):
+        per = {f: {"n": 20, "accuracy": 0.5, "ece": 0.1, "counts": {"normal": 10, "pneumonia": 10},
+                   "triage": {"roc_auc": auc, "normal": 10, "abnormal": 10}} for f in folds}
+        return {"mode": mode, "folds": {f: [f] for f in folds}, "results": {recipe: {"folds": per}}}
+
+    for mode, recipe, folds, auc in (("screen", "equalize/source", ["kermany", "nih", "tb"], 0.6),
+                                     ("full", "full", ["nih", "tb"], 0.62)):
+        rep = report(mode, recipe, folds, auc)
+        plot(rep, tmp_path / f"{mode}.png")
+        write_to_card(carded / "model.onnx", rep, recipe, command=f"external --mode {mode}", plot=tmp_path / f"{mode}.png")
+    card = json.loads((carded / "model_card.json").read_text())["external"]
+    assert card["mode"] == "full" and set(card["per_fold"]) == {"nih", "tb"}
+    assert set(card["other_modes"]) == {"screen"} and set(card["other_modes"]["screen"]["per_fold"]) == {"kermany", "nih", "tb"}
+    assert (carded / card["plot"]).is_file() and (carded / card["other_modes"]["screen"]["plot"]).is_file()
+    assert card["plot"] != card["other_modes"]["screen"]["plot"]
+    md = (carded / "model_card.md").read_text()
+    section = md[md.index("## Hospitals it has not seen"):]
+    assert "fine-tuned with the command below" in section and "### The fast screen" in section
+    assert section.count("| kermany |") == 2  # the screen's fold table and its triage table; the fine-tuned run has none
+    assert "Worst held-out COVID-19" not in section  # no COVID-19 fold in either run
+
+    # the screen run again: it becomes the headline, the fine-tuned run is kept, nothing is nested twice
+    rep = report("screen", "equalize/source", ["kermany", "nih", "tb"], 0.61)
+    write_to_card(carded / "model.onnx", rep, "equalize/source")
+    card = json.loads((carded / "model_card.json").read_text())["external"]
+    assert card["mode"] == "screen" and set(card["other_modes"]) == {"full"} and "other_modes" not in card["other_modes"]["full"]
+    assert (carded / "model_card.md").read_text().count("## Hospitals it has not seen") == 1

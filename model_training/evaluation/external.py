@@ -525,8 +525,16 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    folds = [f for f in report["folds"] if any(res["folds"].get(f, {}).get("covid19", {}).get("auc") is not None
-                                               for res in report["results"].values())]
+    # COVID-19 AUC where the report has it (the COVID-19 LOSO table), else triage AUC (folds of adult sources)
+    for key, label, target in (("covid19", "held-out COVID-19 ROC-AUC", 0.9),
+                               ("triage", "held-out triage ROC-AUC (abnormal vs normal)", 0.85)):
+        def value(res, f, key=key):
+            m = res["folds"].get(f, {}).get(key) or {}
+            return m.get("auc", m.get("roc_auc"))
+
+        folds = [f for f in report["folds"] if any(value(res, f) is not None for res in report["results"].values())]
+        if folds:
+            break
     names = list(report["results"])
     if not folds or not names:
         return
@@ -534,12 +542,12 @@ def plot(report: dict, path: Path) -> None:
     width = 0.8 / len(names)
     colours = plt.get_cmap("tab20")
     for i, name in enumerate(names):
-        vals = [report["results"][name]["folds"].get(f, {}).get("covid19", {}).get("auc") or 0 for f in folds]
+        vals = [value(report["results"][name], f) or 0 for f in folds]
         ax.bar(np.arange(len(folds)) + i * width, vals, width, label=name, color=colours(i % 20))
-    ax.axhline(0.9, color="k", ls="--", lw=0.8)
+    ax.axhline(target, color="k", ls="--", lw=0.8)
     ax.set_xticks(np.arange(len(folds)) + 0.4 - width / 2, folds, fontsize=8)
     ax.set_ylim(0.4, 1.0)
-    ax.set_ylabel("held-out COVID-19 ROC-AUC")
+    ax.set_ylabel(label)
     ax.set_title("Leave one source out")
     ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
@@ -582,10 +590,25 @@ def card_summary(report: dict, recipe: str, command: str = "") -> dict:
     }
 
 
+MODE_TITLES = {"full": "Fine-tuned folds", "screen": "The fast screen (frozen ImageNet features, a linear head)",
+               "served": "The served model, never trained on the held-out source"}
+
+
 def card_markdown(ext: dict) -> str:
-    lines = [f"Each source held out in turn: trained on the others, tested on it ({ext['mode']} of the recipe "
-             f"`{ext['recipe']}`" + (": frozen ImageNet features and a linear head, the fast screen, not this fine-tuned "
-                                    "model itself" if ext["mode"] == "screen" else "") + "). "
+    """The card's LOSO section: ``ext`` (the latest run), then the runs of other modes it keeps (a fine-tuned run of
+    two folds does not erase a screen of every source)."""
+    text = _mode_markdown(ext)
+    for mode, sub in (ext.get("other_modes") or {}).items():
+        text += f"\n### {MODE_TITLES.get(mode, mode)}\n\n" + _mode_markdown(sub)
+    return text
+
+
+def _mode_markdown(ext: dict) -> str:
+    how = {"screen": f"screen of the recipe `{ext['recipe']}`: frozen ImageNet features and a linear head, the fast "
+                     "screen, not this fine-tuned model itself",
+           "full": "each fold fine-tuned with the command below, this model's recipe on a shorter schedule"}
+    lines = ["Each source held out in turn: trained on the others, tested on it ("
+             + how.get(ext["mode"], f"{ext['mode']} of the recipe `{ext['recipe']}`") + "). "
              "A clinic in Ecuador is such a hospital; the in-source numbers above are not.", "",
              "| held out | images (class: n) | accuracy | ROC-AUC | COVID-19 sens / spec as served | ECE |", "|---|---|---|---|---|---|"]
     for f, m in ext["per_fold"].items():
@@ -601,11 +624,15 @@ def card_markdown(ext: dict) -> str:
                   "| held out | normal | abnormal | triage ROC-AUC [95 % CI] / sens, spec |", "|---|---|---|---|"]
         lines += [f"| {f} | {t.get('normal')} | {t.get('abnormal')} | {_triage_cell(t)} |" for f, t in tri]
         wt = ext.get("worst_triage") or {}
+        kids = f"; children (kermany held out): {_f(wt['kermany'])}" if wt.get("kermany") is not None else ""
         lines += ["", f"- Worst held-out adult triage ROC-AUC ({', '.join(wt.get('among') or TRIAGE_SOURCES)}): "
-                  f"{_f(wt.get('auc'))} ({wt.get('fold', '-')}; target 0.85); children (kermany held out): {_f(wt.get('kermany'))}."]
+                  f"{_f(wt.get('auc'))} ({wt.get('fold', '-')}; target 0.85){kids}."]
     w = ext.get("worst_covid19") or {}
-    lines += ["", f"- Worst held-out COVID-19 ROC-AUC: {_f(w.get('auc'))} ({w.get('fold', '-')}); lowest sensitivity at "
-              f"specificity >= 0.80: {_f(w.get('sensitivity_at_spec'))} (targets 0.90 and 0.90)."]
+    if w.get("auc") is not None:  # runs without a COVID-19 fold (the adult triage folds) have nothing to say here
+        lines += ["", f"- Worst held-out COVID-19 ROC-AUC: {_f(w.get('auc'))} ({w.get('fold', '-')}); lowest sensitivity at "
+                     f"specificity >= 0.80: {_f(w.get('sensitivity_at_spec'))} (targets 0.90 and 0.90)."]
+    if ext.get("note"):
+        lines.append(f"- {ext['note']}")
     probe = ext.get("probe") or {}
     if probe:
         lines.append(f"- Source probe on the recipe's embedding (label and age group held fixed): balanced accuracy "
@@ -628,8 +655,18 @@ def card_markdown(ext: dict) -> str:
     if ext.get("command"):
         lines.append(f"- Reproduce: `{ext['command']}`")
     if ext.get("plot"):
-        lines += ["", f"![held-out COVID-19 ROC-AUC per recipe]({ext['plot']})"]
+        lines += ["", f"![held-out ROC-AUC per source, {ext['mode']}]({ext['plot']})"]
     return "\n".join(lines) + "\n"
+
+
+def keep_other_modes(new: dict, previous: dict | None) -> dict:
+    """``new`` with the card's earlier runs of other modes under ``other_modes`` (one per mode, the latest)."""
+    previous = dict(previous or {})
+    others = dict(previous.pop("other_modes", None) or {})
+    if previous.get("mode") and previous["mode"] != new["mode"]:
+        others[previous["mode"]] = previous
+    others.pop(new["mode"], None)
+    return {**new, "other_modes": others} if others else new
 
 
 def write_to_card(model_path: Path, report: dict, recipe: str, command: str = "", plot: Path | None = None) -> dict:
@@ -647,9 +684,11 @@ def write_to_card(model_path: Path, report: dict, recipe: str, command: str = ""
     if recipe not in report["results"]:
         raise ValueError(f"the report has no result {recipe!r}: it has {', '.join(report['results'])}")
     card = json.loads(card_path.read_text())
-    card["external"] = card_summary(report, recipe, command)
+    card["external"] = keep_other_modes(card_summary(report, recipe, command), card.get("external"))
     if plot is not None and Path(plot).is_file():
-        name = card_path.name.replace(".card.json", ".loso.png").replace("model_card.json", "loso.png")
+        # one plot per mode, so the screen's plot stays beside a fine-tuned run's
+        suffix = ".loso.png" if report["mode"] == "screen" else f".loso-{report['mode']}.png"
+        name = card_path.name.replace(".card.json", suffix).replace("model_card.json", suffix.lstrip("."))
         shutil.copy(plot, card_path.with_name(name))
         card["external"]["plot"] = name
     card_path.write_text(json.dumps(card, indent=2) + "\n")
