@@ -64,6 +64,17 @@ def test_colour_photo_measured(xray):
     assert img.colorfulness > 0.2
 
 
+def test_rgb_gray_and_colourfulness_are_their_definitions(one_xray, xray):
+    """ITU-R 601 luma in [0, 1] and the mean spread between a pixel's channels, on a real RGB film and a colour
+    picture: the fast uint8 path gives what the float definition gives."""
+    coloured = np.stack([np.asarray(xray), np.asarray(xray) // 3, 255 - np.asarray(xray)], axis=-1).astype(np.uint8)
+    for data in (one_xray.read_bytes(), _bytes(Image.fromarray(coloured), "PNG")):
+        rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.float64) / 255
+        img = decode(data)
+        assert np.abs(img.gray - rgb @ [0.299, 0.587, 0.114]).max() < 1e-6 and img.gray.dtype == np.float32
+        assert img.colorfulness == pytest.approx((rgb.max(axis=2) - rgb.min(axis=2)).mean(), abs=1e-9)
+
+
 @pytest.mark.parametrize("data,code", [
     (b"", "empty_file"),
     (b"hello, this is a text file\n" * 20, "not_an_image"),

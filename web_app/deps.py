@@ -6,7 +6,7 @@ import datetime as dt
 
 from fastapi import Depends, HTTPException, Request
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 from starlette.concurrency import run_in_threadpool
 
 from . import audit, sessions
@@ -64,7 +64,9 @@ def admin_page_user(user: User = Depends(page_user)) -> User:
 def api_user(request: Request, db: Session = Depends(get_db)) -> User:
     auth = request.headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
-        tok = db.scalar(select(ApiToken).where(ApiToken.token_hash == hash_token(auth[7:].strip())))
+        # the token and its user in one query: every API call reads both
+        tok = db.scalar(select(ApiToken).options(joinedload(ApiToken.user))
+                        .where(ApiToken.token_hash == hash_token(auth[7:].strip())))
         state = "unknown" if tok is None else ("inactive_user" if not tok.user.active else tok.state())
         if state == "active":
             now = utcnow()
