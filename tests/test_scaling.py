@@ -8,6 +8,7 @@ own queue names, removed at the end.
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import signal
 import subprocess
@@ -190,6 +191,23 @@ def _classify_entries(app, case_id) -> int:
         return db.query(AuditLog).filter(AuditLog.action == "classify", AuditLog.case_id == case_id).count()
 
 
+def _heatmap_is_a_kept_map_drawn_on_view(app, c, case_id, classifier):
+    """A model server asked for the class map only: the case keeps the map, and its first view draws the picture
+    the model itself would have drawn from the stored file."""
+    from PIL import Image
+
+    from web_app.db import Case
+
+    with app.state.SessionLocal() as db:
+        case = db.get(Case, case_id)
+        kept, stored = case.heatmap_path, app.state.settings.upload_dir / case.image_path
+    assert kept and kept.endswith(".heatmap.json")
+    r = c.get(f"/cases/{case_id}/heatmap.png")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    direct = classifier.predict(stored.read_bytes())
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(r.content))), np.asarray(Image.open(io.BytesIO(direct.heatmap_png))))
+
+
 @needs_broker
 def test_jobs_round_trip_and_a_repeated_job_is_written_once(tmp_path, classifier, one_xray, prefix):
     with _broker_app(tmp_path / "d", prefix) as (app, base):
@@ -200,6 +218,7 @@ def test_jobs_round_trip_and_a_repeated_job_is_written_once(tmp_path, classifier
             assert r.status_code == 200 and r.json()["served_by"] == "broker:gpu-1" and r.json()["label"]
             case_id = r.json()["case_id"]
             assert _classify_entries(app, case_id) == 1
+            _heatmap_is_a_kept_map_drawn_on_view(app, c, case_id, classifier)
             # the broker delivers the same job again (as after a lost acknowledgement): answered, not rewritten
             from web_app.db import AuditLog
 
@@ -307,4 +326,5 @@ def test_websocket_uplinks_keep_working_beside_the_broker(tmp_path, classifier, 
         r = httpx.post(f"{base}/api/v1/predict", headers={"Authorization": f"Bearer {new_token(c, csrf)}"},
                        files={"file": ("a.jpeg", one_xray.read_bytes())}, timeout=60)
         assert r.status_code == 200 and r.json()["served_by"] == "uplink:behind-nat"
+        _heatmap_is_a_kept_map_drawn_on_view(app, c, r.json()["case_id"], classifier)
         client.stop()

@@ -183,3 +183,30 @@ def test_sessions_run_on_an_accelerator_or_the_cpu_never_a_remote_provider(class
     classifier.run(np.zeros((4, 3, *classifier.spec.size), np.float32))  # a batch on the CPU: one session per core
     n = min(backend.threads, backend.MAX_WORKERS)
     assert len(backend._workers) == (n if n > 1 else 0)
+
+
+def test_a_reply_carries_the_picture_or_the_class_map_and_a_web_app_reads_either(classifier, one_xray):
+    """The model-server side of the heatmap protocol and the web-app side, on a real prediction: a job that asks for
+    the map gets it (and no picture), an older job gets the picture; a broken map costs the heatmap, not the answer."""
+    import json
+
+    from uplink_server import gradcam
+    from web_app.inference import Outcome
+
+    data = one_xray.read_bytes()
+    mapped = classifier.predict(data, heatmap=gradcam.MAP_ONLY)
+    reply = json.loads(json.dumps({"result": mapped.to_dict(), **mapped.heatmap_fields()}))  # as it travels
+    assert reply["heatmap_png"] is None and len(json.dumps(reply["heatmap_map"])) < 8000
+    out = Outcome.from_reply(reply, "broker:gpu-1")
+    cam, box, shape = out.heatmap_map
+    assert out.heatmap_png is None and out.result["label"] == mapped.label
+    assert np.allclose(cam, mapped.heatmap, atol=1e-6) and box == mapped.heatmap_box and shape == mapped.heatmap_shape
+
+    drawn = classifier.predict(data)
+    reply = json.loads(json.dumps({"result": drawn.to_dict(), **drawn.heatmap_fields()}))
+    out = Outcome.from_reply(reply, "uplink:old")
+    assert out.heatmap_png == drawn.heatmap_png and out.heatmap_map is None and "heatmap_map" not in reply
+
+    for broken in ({"cam": "x", "shape": [1, 2]}, {"cam": [[0.1]], "shape": [5]}, {"box": [0, 1, 0, 1]}):
+        out = Outcome.from_reply({"result": mapped.to_dict(), "heatmap_png": None, "heatmap_map": broken}, "broker:odd")
+        assert out.heatmap_map is None and out.heatmap_png is None and out.result["label"] == mapped.label

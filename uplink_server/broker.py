@@ -14,19 +14,20 @@ Jobs may therefore be answered twice; the web app writes a case once per job id.
 Messages: a job's body is the (de-identified) image, with ``correlation_id`` =
 job id and the headers ``case_id`` and ``filename``; a result's body is JSON
 ``{"result": Prediction.to_dict(), "heatmap_png": base64|None, "error": str|None,
-"served_by": name}``. Servers announce themselves every ``heartbeat_s`` on the
+"served_by": name}``; a job with the header ``heatmap: "map"`` gets ``heatmap_map`` (the class map,
+``gradcam.map_to_dict``) instead of the drawn picture. Servers announce themselves every ``heartbeat_s`` on the
 fanout exchange ``<prefix>.servers``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import socket
 import time
 
+from . import gradcam
 from .batching import DynamicBatcher
 
 log = logging.getLogger(__name__)
@@ -138,9 +139,11 @@ class BrokerWorker:
         self.in_flight[job_id] = (time.monotonic(), message)
         self.redelivered += bool(message.redelivered)
         try:
-            pred = await self.batcher.predict(message.body, str((message.headers or {}).get("filename", "")))
-            body = {"result": pred.to_dict(), "served_by": self.name,
-                    "heatmap_png": base64.b64encode(pred.heatmap_png).decode("ascii") if pred.heatmap_png else None}
+            headers = message.headers or {}
+            # a web node that draws heatmaps on first view asks for the class map: no overlay, no PNG here
+            pred = await self.batcher.predict(message.body, str(headers.get("filename", "")),
+                                              heatmap=gradcam.MAP_ONLY if headers.get("heatmap") == gradcam.MAP_ONLY else True)
+            body = {"result": pred.to_dict(), "served_by": self.name, **pred.heatmap_fields()}
         except Exception as exc:  # report it; the web app decides what to do
             log.exception("job %s failed", job_id)
             body = {"error": f"{type(exc).__name__}: {exc}", "served_by": self.name}

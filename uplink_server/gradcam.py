@@ -71,14 +71,36 @@ def to_png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+# what a web app asks a model server for (``heatmap`` of a job) when it draws the picture itself on first view
+MAP_ONLY = "map"
+
+
+def map_to_dict(cam: np.ndarray, box, shape) -> dict:
+    """A class map as plain JSON values (a few hundred bytes): the map, the box the model read, the image's shape.
+    The form a kept map has on disk and on the wire from a model server (``heatmap: "map"`` jobs)."""
+    return {"cam": np.asarray(cam, np.float64).tolist(), "box": [int(v) for v in box] if box is not None else None,
+            "shape": [int(v) for v in shape]}
+
+
+def map_from_dict(kept: dict) -> tuple[np.ndarray, tuple | None, tuple]:
+    """(cam, box, shape) from ``map_to_dict``'s form; ValueError when it is not one."""
+    try:
+        cam = np.asarray(kept["cam"], np.float32)
+        box = tuple(int(v) for v in kept["box"]) if kept.get("box") is not None else None
+        shape = tuple(int(v) for v in kept["shape"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"not a class map: {exc!r}") from None
+    if cam.ndim != 2 or len(shape) != 2 or (box is not None and len(box) != 4):
+        raise ValueError(f"not a class map: cam {cam.shape}, shape {shape}, box {box}")
+    return cam, box, shape
+
+
 def save_map(path, cam: np.ndarray, box, shape) -> None:
-    """A class map kept to draw later (a few hundred bytes of JSON: cheaper to write than any archive): the map,
-    the box the model read, the image's shape."""
+    """A class map kept to draw later (JSON: cheaper to write than any archive)."""
     import json
 
     with open(path, "w") as fh:
-        json.dump({"cam": cam.astype(np.float64).tolist(), "box": list(box) if box is not None else None,
-                   "shape": list(shape)}, fh)
+        json.dump(map_to_dict(cam, box, shape), fh)
 
 
 def render(map_path, gray: np.ndarray) -> bytes:
@@ -86,8 +108,7 @@ def render(map_path, gray: np.ndarray) -> bytes:
     import json
 
     with open(map_path) as fh:
-        kept = json.load(fh)
-    if list(gray.shape) != kept["shape"]:  # the stored image was turned since: no map of the old orientation on it
-        raise ValueError(f"the image is {gray.shape}, the map was made on {kept['shape']}")
-    box = tuple(kept["box"]) if kept["box"] is not None else None
-    return to_png(overlay(gray, np.asarray(kept["cam"], np.float32), box=box))
+        cam, box, shape = map_from_dict(json.load(fh))
+    if tuple(gray.shape) != shape:  # the stored image was turned since: no map of the old orientation on it
+        raise ValueError(f"the image is {gray.shape}, the map was made on {list(shape)}")
+    return to_png(overlay(gray, cam, box=box))

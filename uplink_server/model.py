@@ -65,6 +65,17 @@ class Prediction:
     def outcome(self) -> str:
         return "refused" if self.refused else ("uncertain" if self.uncertain else self.label or "")
 
+    def heatmap_fields(self) -> dict:
+        """The heatmap as a reply to a web app carries it: the drawn picture (base64 PNG), or the class map alone
+        when only that was made (a web app that asked for ``heatmap: "map"`` draws it when someone looks)."""
+        import base64
+
+        if self.heatmap_png:
+            return {"heatmap_png": base64.b64encode(self.heatmap_png).decode("ascii")}
+        if self.heatmap is not None and self.heatmap_shape is not None:
+            return {"heatmap_png": None, "heatmap_map": gradcam.map_to_dict(self.heatmap, self.heatmap_box, self.heatmap_shape)}
+        return {"heatmap_png": None}
+
     def to_dict(self) -> dict:
         return {
             "file": self.file,
@@ -233,12 +244,12 @@ class Classifier:
         return preprocess(image.gray, self.spec)
 
     # --- the whole path -----------------------------------------------------------
-    def predict(self, source, heatmap: bool = True, name: str = "", check_ood: bool = True,
+    def predict(self, source, heatmap: bool | str = True, name: str = "", check_ood: bool = True,
                 heatmap_class: str | None = None) -> Prediction:
         """Classify one upload (path, bytes or file object); refusals come back as a refused Prediction."""
         return self.predict_batch([source], heatmap, [name], check_ood, heatmap_class)[0]
 
-    def predict_batch(self, sources: list, heatmap: bool = True, names: list[str] | None = None,
+    def predict_batch(self, sources: list, heatmap: bool | str = True, names: list[str] | None = None,
                       check_ood: bool = True, heatmap_class: str | None = None) -> list[Prediction]:
         """Classify several uploads with one model run (faster per image than one by one).
 
@@ -321,7 +332,7 @@ class Classifier:
                 pred.heatmap = gradcam.normalize_cam(cam[k if heatmap_class is None else self.classes.index(heatmap_class)])
                 pred.heatmap_box = tuple(int(v) for v in view_box(p.image.gray, self.spec))
                 pred.heatmap_shape = tuple(p.image.gray.shape)
-                if heatmap == "map":
+                if heatmap == gradcam.MAP_ONLY:
                     return pred
                 shown = gradcam.overlay(p.image.gray, pred.heatmap, box=pred.heatmap_box)
             with stage("png"):

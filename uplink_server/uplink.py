@@ -15,6 +15,7 @@ import random
 import socket
 from urllib.parse import urlparse, urlunparse
 
+from . import gradcam
 from .batching import DynamicBatcher
 from .model import Classifier
 
@@ -115,9 +116,9 @@ class UplinkClient:
         async with sem:  # bounded: at most max_concurrency predictions at once
             try:
                 data = base64.b64decode(msg["data"])
-                pred = await self.batcher.predict(data, msg.get("filename", ""))
-                reply = {"type": "result", "id": msg["id"], "result": pred.to_dict(),
-                         "heatmap_png": base64.b64encode(pred.heatmap_png).decode("ascii") if pred.heatmap_png else None}
+                pred = await self.batcher.predict(data, msg.get("filename", ""),
+                                                  heatmap=gradcam.MAP_ONLY if msg.get("heatmap") == gradcam.MAP_ONLY else True)
+                reply = {"type": "result", "id": msg["id"], "result": pred.to_dict(), **pred.heatmap_fields()}
             except Exception as exc:  # report, never crash the link
                 log.exception("prediction failed")
                 reply = {"type": "result", "id": msg.get("id"), "error": f"{type(exc).__name__}: {exc}"}

@@ -9,11 +9,11 @@ that comes back after a timeout or a restart of this node still lands in its cas
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import time
 
+from uplink_server import gradcam
 from uplink_server.broker import (
     DEFAULT_PREFIX,
     HEARTBEAT_S,
@@ -91,7 +91,8 @@ class BrokerClient:
         try:
             await self._channel.default_exchange.publish(
                 aio_pika.Message(data, correlation_id=job_id, reply_to=self._results.name,
-                                 headers={"case_id": case_id, "filename": filename, "user_id": user_id or 0},
+                                 headers={"case_id": case_id, "filename": filename, "user_id": user_id or 0,
+                                          "heatmap": gradcam.MAP_ONLY},  # drawn here when someone looks
                                  delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
                 routing_key=self._jobs.name)
             return await asyncio.wait_for(fut, timeout)
@@ -148,7 +149,3 @@ class BrokerClient:
         return {"url": redact(self.url), "node": self.node, "queue_depth": messages, "consumers": consumers,
                 "waiting_here": len(self.waiting), "servers": servers, "error": self.error}
 
-
-def decode_body(body: dict) -> tuple[dict, bytes | None]:
-    png = base64.b64decode(body["heatmap_png"]) if body.get("heatmap_png") else None
-    return body.get("result") or {}, png

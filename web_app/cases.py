@@ -459,14 +459,18 @@ def apply_outcome(db: Session, settings: Settings, job: Job, outcome: Outcome, c
         # synchronize_session=False: no session object is matched against the criteria in Python under the lock
         done = wdb.execute(update(Case).where(Case.id == job.case_id, Case.job_id == job.id).values(**values)
                            .execution_options(synchronize_session=False)).rowcount == 1
-        if done:
-            wdb.add(AuditLog(user_id=job.user_id or None, action="classify", case_id=job.case_id,
-                             detail={"status": values["status"], "label": values.get("label"), "model": values["model_name"],
-                                     "version": values["model_version"], "served_by": outcome.served_by, "job": job.id}))
-        return done, before
+        if not done:
+            # another answer landed first; if it was this job's (a broker's result writer and the waiting request
+            # both write it), the row names the very file written above, which must stay
+            return False, wdb.scalar(select(Case.heatmap_path).where(Case.id == job.case_id))
+        wdb.add(AuditLog(user_id=job.user_id or None, action="classify", case_id=job.case_id,
+                         detail={"status": values["status"], "label": values.get("label"), "model": values["model_name"],
+                                 "version": values["model_version"], "served_by": outcome.served_by, "job": job.id}))
+        return True, before
 
     written, was = writer.write(db, store)
     # after the commit, the file no row names any more: a retry's replaced heatmap, or an answer nobody waits for
+    # (``was``: before this write, or, when it was not written, what the row names now)
     stale = (was if written else values["heatmap_path"]) if was != values["heatmap_path"] else None
     if written and case is not None:
         for key, value in values.items():
@@ -501,15 +505,13 @@ def heatmap_png(settings: Settings, case: Case) -> Path | None:
 
 def result_writer(SessionLocal, settings: Settings):
     """What the broker client calls for each result: write it into its case."""
-    from .broker import decode_body
 
     def write(job_id: str, body: dict, headers: dict) -> None:
         if body.get("error"):
             return  # the waiting request serves it another way; a late error changes nothing
-        result, png = decode_body(body)
         job = Job(job_id, int(headers.get("case_id") or 0), int(headers.get("user_id") or 0) or None)
         with SessionLocal() as db:
-            apply_outcome(db, settings, job, Outcome(result, png, f"broker:{body.get('served_by', '')}"))
+            apply_outcome(db, settings, job, Outcome.from_reply(body, f"broker:{body.get('served_by', '')}"))
 
     return write
 

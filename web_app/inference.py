@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from fastapi import WebSocket
 
+from uplink_server import gradcam
 from uplink_server.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_DELAY_MS, DynamicBatcher
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,21 @@ class Outcome:
     result: dict  # Prediction.to_dict()
     heatmap_png: bytes | None
     served_by: str
-    heatmap_map: tuple | None = None  # (class map, box, image shape): the in-process model's, drawn on first view
+    heatmap_map: tuple | None = None  # (class map, box, image shape): drawn on first view
+
+    @classmethod
+    def from_reply(cls, reply: dict, served_by: str) -> "Outcome":
+        """A model server's reply (uplink message or broker result body): its result and its heatmap, drawn
+        (``heatmap_png``) or as the class map (``heatmap_map``, what this web app asks for)."""
+        png = base64.b64decode(reply["heatmap_png"]) if reply.get("heatmap_png") else None
+        kept = None
+        if png is None and reply.get("heatmap_map") is not None:
+            try:
+                kept = gradcam.map_from_dict(reply["heatmap_map"])
+            except ValueError as exc:  # the answer stands without its heatmap
+                log.warning("model server %s sent an unreadable class map: %s", served_by, exc)
+        return cls(reply.get("result") or {}, png, served_by, kept)
+
 
 
 @dataclass
@@ -73,7 +88,7 @@ class UplinkConnection:
         fut = asyncio.get_running_loop().create_future()
         self.pending[req_id] = fut
         try:
-            await self.ws.send_json({"type": "predict", "id": req_id, "filename": filename,
+            await self.ws.send_json({"type": "predict", "id": req_id, "filename": filename, "heatmap": gradcam.MAP_ONLY,
                                      "data": base64.b64encode(data).decode("ascii")})
             msg = await asyncio.wait_for(fut, timeout)
         except ConnectionLost:
@@ -84,8 +99,7 @@ class UplinkConnection:
             self.pending.pop(req_id, None)
         if msg.get("error"):
             raise ConnectionLost(f"model server {self.name} failed: {msg['error']}")
-        png = base64.b64decode(msg["heatmap_png"]) if msg.get("heatmap_png") else None
-        return Outcome(msg["result"], png, f"uplink:{self.name}")
+        return Outcome.from_reply(msg, f"uplink:{self.name}")
 
     def fail_all(self, reason: str) -> None:
         self.closed = True
@@ -193,7 +207,7 @@ class ModelRouter:
         if (out := await self._try_uplinks(free, data, filename)) is not None:
             return out
         if self.broker is not None and job is not None and await self.broker.available():
-            from .broker import JobPending, decode_body
+            from .broker import JobPending
 
             try:
                 body = await self.broker.submit(job.id, job.case_id, data, filename, self.timeout,
@@ -204,14 +218,13 @@ class ModelRouter:
                 log.warning("broker unavailable (%r); trying the next model", exc)
             else:
                 if not body.get("error"):
-                    result, png = decode_body(body)
-                    return Outcome(result, png, f"broker:{body.get('served_by', '')}")
+                    return Outcome.from_reply(body, f"broker:{body.get('served_by', '')}")
                 log.warning("model server %s failed job %s: %s", body.get("served_by"), job.id, body["error"])
         if self.batcher is not None:
             try:
                 # the class map only: the picture is drawn when someone looks at it (most API uploads: never)
                 pred = await asyncio.wait_for(self.batcher.predict(data if decoded is None else decoded, filename,
-                                                                   heatmap="map"), self.queue_wait_s)
+                                                                   heatmap=gradcam.MAP_ONLY), self.queue_wait_s)
             except asyncio.TimeoutError:
                 self.refused_busy += 1
                 raise Saturated(f"the in-process model did not answer within {self.queue_wait_s:.0f} s") from None
