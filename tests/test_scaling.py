@@ -214,9 +214,12 @@ def test_jobs_round_trip_and_a_repeated_job_is_written_once(tmp_path, classifier
         c, h = _connected(app, base)
         worker = WorkerThread(classifier, prefix)
         try:
+            units = app.state.db_writer.units
             r = httpx.post(f"{base}/api/v1/predict", headers=h, files={"file": ("a.jpeg", one_xray.read_bytes())}, timeout=60)
             assert r.status_code == 200 and r.json()["served_by"] == "broker:gpu-1" and r.json()["label"]
             case_id = r.json()["case_id"]
+            # the case and its answer: written once each (the answer by the node's result writer, not again by the reply)
+            assert app.state.db_writer.units == units + 2
             assert _classify_entries(app, case_id) == 1
             _heatmap_is_a_kept_map_drawn_on_view(app, c, case_id, classifier)
             # the broker delivers the same job again (as after a lost acknowledgement): answered, not rewritten

@@ -106,6 +106,7 @@ def create_app(settings: Settings | None = None, classifier="auto") -> FastAPI:
 
         db_writer = GroupWriter(engine).start()  # the upload path's rows, several uploads per transaction
         register_writer(engine, db_writer)
+        app.state.db_writer = db_writer
         task = asyncio.create_task(connect_broker(router, settings, SessionLocal)) if settings.broker_url else None
         resumer = asyncio.create_task(resume_pending(SessionLocal, settings, router, settings.resume_interval_s))
         node = None

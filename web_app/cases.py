@@ -323,8 +323,10 @@ async def _classify(db: Session, settings: Settings, router: ModelRouter, case: 
 
     def write() -> Case:
         with stage("database"):  # the heatmap's file write included: a few hundred microseconds
-            if not apply_outcome(db, settings, job, outcome, case=case, previous=_UNKNOWN if fresh is None else None):
-                db.refresh(case)  # someone else's answer landed first: show that one
+            # a broker's answer is in the case already (its result writer): read it, do not write it twice
+            if outcome.written or not apply_outcome(db, settings, job, outcome, case=case,
+                                                    previous=_UNKNOWN if fresh is None else None):
+                db.refresh(case)  # that answer, or someone else's that landed first: show it
             # loaded here, in this thread: the reply reads them on the event loop, where a query would block
             case.creator, case.reviews
         return case

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import itertools
 import logging
 import uuid
@@ -52,6 +53,7 @@ class Outcome:
     heatmap_png: bytes | None
     served_by: str
     heatmap_map: tuple | None = None  # (class map, box, image shape): drawn on first view
+    written: bool = False  # already in its case: a broker result, written by the node's result writer on arrival
 
     @classmethod
     def from_reply(cls, reply: dict, served_by: str) -> "Outcome":
@@ -218,7 +220,8 @@ class ModelRouter:
                 log.warning("broker unavailable (%r); trying the next model", exc)
             else:
                 if not body.get("error"):
-                    return Outcome.from_reply(body, f"broker:{body.get('served_by', '')}")
+                    # the node's result writer wrote it before this wait ended (web_app.broker._on_result)
+                    return dataclasses.replace(Outcome.from_reply(body, f"broker:{body.get('served_by', '')}"), written=True)
                 log.warning("model server %s failed job %s: %s", body.get("served_by"), job.id, body["error"])
         if self.batcher is not None:
             try:
