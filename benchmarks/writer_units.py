@@ -17,7 +17,7 @@ from pathlib import Path
 from sqlalchemy import insert, update
 from sqlalchemy.orm import make_transient_to_detached, sessionmaker
 
-from web_app.cases import _NULL_AT_INSERT
+from web_app.cases import give_unset_columns
 from web_app.db import AuditLog, Base, Case, User, make_engine, utcnow
 
 PER_TRANSACTION = 3  # mean units per writer transaction in bench_load (2.5-2.7)
@@ -36,9 +36,7 @@ def _detail() -> dict:
 def orm_unit(db, user_id: int) -> Case:
     """What web_app.cases.create_case's unit does."""
     case = Case(**_values(user_id))
-    for attr in _NULL_AT_INSERT:
-        if attr not in case.__dict__:
-            setattr(case, attr, None)
+    give_unset_columns(case)
     db.add(case)
     db.flush()
     case.filename = f"case-{case.id}.jpg"
@@ -53,9 +51,7 @@ def core_unit(db, user_id: int) -> Case:
     db.execute(update(Case).where(Case.id == case_id).values(filename=f"case-{case_id}.jpg"))
     db.execute(insert(AuditLog).values(user_id=user_id, action="upload", case_id=case_id, detail=_detail(), at=utcnow()))
     case = Case(**{**values, "id": case_id, "filename": f"case-{case_id}.jpg"})
-    for attr in _NULL_AT_INSERT:
-        if attr not in case.__dict__:
-            setattr(case, attr, None)
+    give_unset_columns(case)
     make_transient_to_detached(case)
     return case
 

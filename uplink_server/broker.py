@@ -142,7 +142,7 @@ class BrokerWorker:
             headers = message.headers or {}
             # a web node that draws heatmaps on first view asks for the class map: no overlay, no PNG here
             pred = await self.batcher.predict(message.body, str(headers.get("filename", "")),
-                                              heatmap=gradcam.MAP_ONLY if headers.get("heatmap") == gradcam.MAP_ONLY else True)
+                                              heatmap=gradcam.requested(headers.get("heatmap")))
             body = {"result": pred.to_dict(), "served_by": self.name, **pred.heatmap_fields()}
         except Exception as exc:  # report it; the web app decides what to do
             log.exception("job %s failed", job_id)

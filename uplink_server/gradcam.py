@@ -75,6 +75,12 @@ def to_png(img: Image.Image) -> bytes:
 MAP_ONLY = "map"
 
 
+def requested(value) -> bool | str:
+    """The ``heatmap`` argument for a job's ``heatmap`` field: the class map when asked for it, else the picture
+    (jobs from web apps that predate the field)."""
+    return MAP_ONLY if value == MAP_ONLY else True
+
+
 def map_to_dict(cam: np.ndarray, box, shape) -> dict:
     """A class map as plain JSON values (a few hundred bytes): the map, the box the model read, the image's shape.
     The form a kept map has on disk and on the wire from a model server (``heatmap: "map"`` jobs)."""

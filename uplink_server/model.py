@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import threading
@@ -68,8 +69,6 @@ class Prediction:
     def heatmap_fields(self) -> dict:
         """The heatmap as a reply to a web app carries it: the drawn picture (base64 PNG), or the class map alone
         when only that was made (a web app that asked for ``heatmap: "map"`` draws it when someone looks)."""
-        import base64
-
         if self.heatmap_png:
             return {"heatmap_png": base64.b64encode(self.heatmap_png).decode("ascii")}
         if self.heatmap is not None and self.heatmap_shape is not None:

@@ -117,7 +117,7 @@ class UplinkClient:
             try:
                 data = base64.b64decode(msg["data"])
                 pred = await self.batcher.predict(data, msg.get("filename", ""),
-                                                  heatmap=gradcam.MAP_ONLY if msg.get("heatmap") == gradcam.MAP_ONLY else True)
+                                                  heatmap=gradcam.requested(msg.get("heatmap")))
                 reply = {"type": "result", "id": msg["id"], "result": pred.to_dict(), **pred.heatmap_fields()}
             except Exception as exc:  # report, never crash the link
                 log.exception("prediction failed")

@@ -184,6 +184,14 @@ _NULL_AT_INSERT = tuple(a.key for a in sa_inspect(Case).column_attrs
                         if a.columns[0].default is None and not a.columns[0].primary_key)
 
 
+def give_unset_columns(case: Case) -> None:
+    """A new case's columns without a default, given None rather than left for the INSERT to fill: the reply reads
+    them without a query."""
+    for attr in _NULL_AT_INSERT:
+        if attr not in case.__dict__:
+            setattr(case, attr, None)
+
+
 @dataclass
 class Fresh:
     """What create_case knows of a case it has just stored, handed to its first analysis: the pixels decoded
@@ -237,9 +245,7 @@ def create_case(db: Session, settings: Settings, user: User, upload: Upload,
             case.status, case.refusal_code, case.refusal_message = "refused", refusal.code, refusal.message
         else:
             case.status, case.job_id, case.attempts, case.claimed_at = "pending", uuid.uuid4().hex, 1, utcnow()
-        for attr in _NULL_AT_INSERT:  # given, not left for the INSERT to fill: the reply reads them without a query
-            if attr not in case.__dict__:
-                setattr(case, attr, None)
+        give_unset_columns(case)
         wdb.add(case)
         wdb.flush()  # the id names the case for people: case-12.png
         case.filename = f"case-{case.id}{stored.ext if stored is not None else ''}"

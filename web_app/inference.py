@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import dataclasses
 import itertools
 import logging
 import uuid
@@ -67,7 +66,6 @@ class Outcome:
             except ValueError as exc:  # the answer stands without its heatmap
                 log.warning("model server %s sent an unreadable class map: %s", served_by, exc)
         return cls(reply.get("result") or {}, png, served_by, kept)
-
 
 
 @dataclass
@@ -220,8 +218,9 @@ class ModelRouter:
                 log.warning("broker unavailable (%r); trying the next model", exc)
             else:
                 if not body.get("error"):
-                    # the node's result writer wrote it before this wait ended (web_app.broker._on_result)
-                    return dataclasses.replace(Outcome.from_reply(body, f"broker:{body.get('served_by', '')}"), written=True)
+                    # the node's result writer wrote it, heatmap included, before this wait ended
+                    # (web_app.broker._on_result): nothing of it to decode again here
+                    return Outcome(body.get("result") or {}, None, f"broker:{body.get('served_by', '')}", written=True)
                 log.warning("model server %s failed job %s: %s", body.get("served_by"), job.id, body["error"])
         if self.batcher is not None:
             try:
