@@ -210,3 +210,25 @@ def test_a_reply_carries_the_picture_or_the_class_map_and_a_web_app_reads_either
     for broken in ({"cam": "x", "shape": [1, 2]}, {"cam": [[0.1]], "shape": [5]}, {"box": [0, 1, 0, 1]}):
         out = Outcome.from_reply({"result": mapped.to_dict(), "heatmap_png": None, "heatmap_map": broken}, "broker:odd")
         assert out.heatmap_map is None and out.heatmap_png is None and out.result["label"] == mapped.label
+
+
+def test_a_kept_class_map_draws_the_models_picture_and_a_damaged_one_is_refused(classifier, one_xray, tmp_path):
+    """The map a web app keeps on disk draws the picture the model draws; a truncated file, one that is not a map and
+    one made on an image of another shape (turned since) raise ValueError (the web app answers 404 for the heatmap, the case stands)."""
+    from uplink_server import gradcam
+    from uplink_server.imaging import decode
+
+    data = one_xray.read_bytes()
+    mapped, drawn = classifier.predict(data, heatmap=gradcam.MAP_ONLY), classifier.predict(data)
+    kept = tmp_path / "case.heatmap.json"
+    gradcam.save_map(kept, mapped.heatmap, mapped.heatmap_box, mapped.heatmap_shape)
+    gray = decode(data).gray
+    assert gradcam.render(kept, gray) == drawn.heatmap_png
+    whole = kept.read_text()
+    for damaged in (whole[: len(whole) // 2], '{"cam": [1, 2, 3], "shape": [4, 4]}', "[]"):
+        kept.write_text(damaged)
+        with pytest.raises(ValueError):
+            gradcam.render(kept, gray)
+    kept.write_text(whole)
+    with pytest.raises(ValueError, match="the map was made on"):
+        gradcam.render(kept, gray[1:])
