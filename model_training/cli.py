@@ -51,6 +51,12 @@ def _add_train_args(p: argparse.ArgumentParser, compare: bool = False) -> None:
     p.add_argument("--skip-unreadable", action="store_true", help="leave out images that cannot be decoded instead of stopping")
     p.add_argument("--uncertain-threshold", type=float, default=d.uncertain_threshold)
     p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
+    p.add_argument("--teacher", default=d.teacher, help="distil: an exported model (e.g. an ensemble) of the same classes "
+                   "and preprocessing whose softened answers on each training batch the network also learns")
+    p.add_argument("--distill-weight", type=float, default=d.distill_weight,
+                   help="share of the teacher's loss against the labels' cross-entropy (with --teacher)")
+    p.add_argument("--distill-temperature", type=float, default=d.distill_temperature,
+                   help="temperature that softens both networks' answers for the teacher's loss")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -65,7 +71,9 @@ def _config(args, **over):
         augment=args.augment, balance=args.balance, intensity=args.intensity, crop=args.crop, roi=args.roi, patience=args.patience, seed=args.seed, limit=args.limit,
         samples_per_epoch=args.samples_per_epoch, val_frac=args.val_frac, test_frac=args.test_frac,
         workers=args.workers, skip_unreadable=args.skip_unreadable, uncertain_threshold=args.uncertain_threshold,
-        progress=not args.no_progress, device=args.device, command="python -m model_training " + shlex.join(sys.argv[1:]),
+        progress=not args.no_progress, device=args.device, teacher=args.teacher,
+        distill_weight=args.distill_weight, distill_temperature=args.distill_temperature,
+        command="python -m model_training " + shlex.join(sys.argv[1:]),
     )
     for k, v in over.items():
         setattr(cfg, k, v)

@@ -5,6 +5,10 @@ the serving path never imports torch."""
 from __future__ import annotations
 
 import ast
+import functools
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,31 +24,46 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+@functools.cache
 def _modules() -> dict[str, Path]:
     return {_module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
 
 
-def _imports(name: str, path: Path, known: set[str], top_only: bool = False) -> set[str]:
+def _statements(path: Path) -> list[list]:
+    """[at module level, module (None for ``import a, b``), level, names] of every import statement in a file."""
+    tree = ast.parse(path.read_text(), str(path))
+    top = {id(n) for n in tree.body}
+    return [[id(n) in top, None if isinstance(n, ast.Import) else (n.module or ""),
+             getattr(n, "level", 0), [a.name for a in n.names]]
+            for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+
+
+@functools.cache
+def _all_statements() -> dict[str, list]:
+    """Every module's import statements, parsed in a fresh interpreter: CPython 3.11.7's ast.parse can fail with
+    "AST constructor recursion depth mismatch" in a process that earlier tests left in some states (fixed in 3.11.8)."""
+    out = subprocess.run([sys.executable, __file__], capture_output=True, text=True, check=True, cwd=ROOT)
+    return json.loads(out.stdout)
+
+
+def _imports(name: str, known: set[str], top_only: bool = False) -> set[str]:
     """The project modules that ``name`` imports anywhere in its file (module level or inside functions), or with
     ``top_only`` at module level only (what importing it loads)."""
-    is_pkg = path.name == "__init__.py"
+    is_pkg = _modules()[name].name == "__init__.py"
     package = name if is_pkg else name.rpartition(".")[0]
-    tree = ast.parse(path.read_text(), str(path))
     found = set()
-    for node in (tree.body if top_only else ast.walk(tree)):
-        if isinstance(node, ast.Import):
-            targets = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")
-                base = base[: len(base) - (node.level - 1)]
-                mod = ".".join(base + ([node.module] if node.module else []))
-            else:
-                mod = node.module or ""
-            # "from pkg import module" names a module; "from module import name" names the module itself
-            targets = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in known else mod for a in node.names]
-        else:
+    for at_top, module, level, names in _all_statements()[name]:
+        if top_only and not at_top:
             continue
+        if module is None:
+            targets = names
+        else:
+            if level:
+                base = package.split(".")
+                base = base[: len(base) - (level - 1)]
+                module = ".".join(base + ([module] if module else []))
+            # "from pkg import module" names a module; "from module import name" names the module itself
+            targets = [f"{module}.{a}" if f"{module}.{a}" in known else module for a in names]
         for t in targets:
             while t and t not in known:  # a.b.c where a.b is the module
                 t = t.rpartition(".")[0]
@@ -56,7 +75,7 @@ def _imports(name: str, path: Path, known: set[str], top_only: bool = False) -> 
 def _graph() -> dict[str, set[str]]:
     mods = _modules()
     known = set(mods)
-    return {n: _imports(n, p, known) for n, p in mods.items()}
+    return {n: _imports(n, known) for n in mods}
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -125,10 +144,13 @@ def test_the_serving_path_imports_no_torch(package):
         if m.startswith(package + "."):
             todo.extend(graph[m])
         elif m.startswith("model_training"):
-            todo.extend(_imports(m, mods[m], set(mods), top_only=True))
+            todo.extend(_imports(m, set(mods), top_only=True))
     for m in reach:
-        tree = ast.parse(mods[m].read_text())
-        for node in tree.body:  # module level: what an import of it loads
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            assert not any(n == "torch" or n.startswith("torch.") for n in names), f"{m} imports torch at module level"
+        for at_top, module, _, names in _all_statements()[m]:  # module level: what an import of it loads
+            loaded = names if module is None else [module]
+            assert not (at_top and any(n == "torch" or n.startswith("torch.") for n in loaded)), \
+                f"{m} imports torch at module level"
+
+
+if __name__ == "__main__":  # the child interpreter of _all_statements
+    print(json.dumps({n: _statements(p) for n, p in _modules().items()}))

@@ -31,6 +31,7 @@ from ..networks.architectures import DEFAULT_ARCH, create_model
 from ..release.export import export_onnx
 from ..release.gate import fit_ood_gate
 from ..release.model_card import build_card, write_card
+from .distillation import Teacher, distillation_loss
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,11 @@ class TrainConfig:
     dropout: float = 0.2
     progress: bool = True
     device: str = "auto"  # auto: CUDA when available, else CPU
+    # distillation (model_training.training.distillation): an exported model whose softened answers the network
+    # also learns, weighted against the labels' cross-entropy
+    teacher: str = ""
+    distill_weight: float = 0.8
+    distill_temperature: float = 2.0
     command: str = ""
 
 
@@ -209,6 +215,8 @@ def train(cfg: TrainConfig) -> Path:
     if str(cfg.pretrained).endswith(".onnx") and cfg.frozen_bn != "all":
         # its BatchNorms are identities over folded kernels (model_training.networks.onnx_weights): batch statistics would undo it
         raise DataError(f"--pretrained {cfg.pretrained}: continuing from an exported model needs --frozen-bn all")
+    if not 0.0 <= cfg.distill_weight <= 1.0 or cfg.distill_temperature <= 0:
+        raise DataError("--distill-weight must lie in [0, 1] and --distill-temperature be positive")
     if cfg.pretrained == "none" and cfg.finetune_blocks == 0:
         raise DataError("--pretrained none with --finetune-blocks 0 would train only a linear layer on random features")
     out = Path(cfg.out)
@@ -218,6 +226,7 @@ def train(cfg: TrainConfig) -> Path:
     t_start = time.time()
     records, classes, data_info = prepare_data(cfg, out)
     model, arch, device, spec, by_split, eval_loaders, loader_kw = _build(cfg, records, classes, cfg.pretrained)
+    teacher = Teacher(cfg.teacher, classes, spec) if cfg.teacher else None
     aug_cfg = parse_augment(cfg.augment)
     train_ds = XrayDataset(by_split["train"], classes, spec, aug_cfg if cfg.augment != "none" else None, cfg.seed)
 
@@ -270,6 +279,9 @@ def train(cfg: TrainConfig) -> Path:
             optimizer.zero_grad(set_to_none=True)
             logits = model(x)
             loss = criterion(logits, y)
+            if teacher is not None:
+                soft = distillation_loss(logits, teacher.logits(x), cfg.distill_temperature)
+                loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * soft
             loss.backward()
             optimizer.step()
             try:
