@@ -187,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--tolerance", type=float, default=0.01)
     sc.add_argument("--candidate-model", default=None,
                     help="the candidate's released model: in-source accuracies from its card, and the 2.0.0 targets checked")
+    sc.add_argument("--parity", metavar="BASELINE_MODEL", default=None,
+                    help="a cheaper model of the same task (distilled, int8) against this default: does it answer as well? "
+                         "(in source within half a point, ECE, triage AUC on the unseen sources of both served results, "
+                         "framing; needs --candidate-model)")
     rf = sub.add_parser("reference", help="histograms of the risk score and image gray levels on the validation split, "
                                           "for the web app's drift check at a site; written into the model card")
     rf.add_argument("--model", required=True)
@@ -343,17 +347,24 @@ def main(argv: list[str] | None = None) -> int:
             card = train_segmenter(cfg, "python -m model_training " + shlex.join(sys.argv[1:] if argv is None else argv), check)
             print(card_markdown(card))
         elif args.cmd == "ship-check":
-            from .release.ship_rule import decide, load_result
+            from uplink_server.model import find_card
+
+            from .release.ship_rule import decide, load_result, parity
 
             card = None
             if args.candidate_model:
-                from uplink_server.model import find_card
-
                 card_path = find_card(Path(args.candidate_model))
                 if card_path is None:
                     raise DataError(f"no model card beside {args.candidate_model}")
                 card = json.loads(card_path.read_text())
-            verdict = decide(load_result(args.candidate), load_result(args.baseline), args.tolerance, card)
+            if args.parity:
+                base_card = find_card(Path(args.parity)) if card is not None else None
+                if base_card is None:
+                    raise DataError("--parity needs --candidate-model and a model card beside the baseline model")
+                verdict = parity(load_result(args.candidate), load_result(args.baseline), card,
+                                 json.loads(base_card.read_text()))
+            else:
+                verdict = decide(load_result(args.candidate), load_result(args.baseline), args.tolerance, card)
             print(json.dumps(verdict, indent=2))
             return 0 if verdict["ships"] else 1
         elif args.cmd == "reference":

@@ -211,6 +211,39 @@ def test_ship_rule_numbers():
     assert not decide({"name": "x", "worst_covid19": {}, "in_source": good["in_source"]}, base)["ships"]
 
 
+def test_parity_rule_for_a_cheaper_model_of_the_same_task():
+    from model_training.release.ship_rule import parity
+
+    def card(run, kermany, ece, framing):
+        return {"evaluation": {"run_test_split": {"accuracy": run}, "kermany_official_test": {"accuracy": kermany}},
+                "calibration": {"ece_test_after": ece}, "framing_check": {"validation": {"1.4": {"rate": framing}}}}
+
+    def served(nih, tb):
+        return {"name": "served", "folds": {"nih": {"triage": {"roc_auc": nih}}, "tb": {"triage": {"roc_auc": tb}},
+                                            "covid/x": {"triage": {"roc_auc": None}}}}
+
+    base, base_card = served(0.684, 0.586), card(0.936, 0.907, 0.018, 0.01)
+    assert parity(served(0.670, 0.600), base, card(0.932, 0.907, 0.025, 0.02), base_card)["ships"]
+    for cand, cand_card, failing in [
+        (served(0.670, 0.600), card(0.930, 0.907, 0.025, 0.02), "run_test_accuracy"),  # 0.6 points lower
+        (served(0.670, 0.600), card(0.936, 0.907, 0.029, 0.02), "test ECE"),
+        (served(0.660, 0.600), card(0.936, 0.907, 0.018, 0.02), "unseen nih"),
+        (served(0.684, None), card(0.936, 0.907, 0.018, 0.02), "unseen tb"),
+        (served(0.684, 0.586), card(0.936, 0.907, 0.018, 0.06), "framed"),
+        (served(0.684, 0.586), {}, "kermany_test_accuracy"),
+    ]:
+        verdict = parity(cand, base, cand_card, base_card)
+        assert not verdict["ships"]
+        assert any(failing in c and c.endswith("fails") for c in verdict["checks"]), (failing, verdict["checks"])
+    # no unseen source measured on both: nothing to compare, no claim
+    assert not parity({"folds": {}}, {"folds": {}}, base_card, base_card)["ships"]
+
+
+def test_parity_check_needs_both_cards(capsys):
+    assert main(["ship-check", "--candidate", "a.json", "--baseline", "b.json", "--parity", "weights/cxr-screen.onnx"]) == 2
+    assert "--candidate-model" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_full_loso_fine_tunes_per_fold_and_tests_through_the_server(tmp_path, mix):
     out = tmp_path / "full"

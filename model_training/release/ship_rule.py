@@ -111,3 +111,43 @@ def decide(candidate: dict, baseline: dict, tolerance: float = TOLERANCE, card: 
             checks.append(("target met: " if passed else "target missed: ") + text)
     return {"ships": bool(ok), "candidate": candidate.get("name"), "baseline": baseline.get("name"), "checks": checks,
             "targets_met": sum(p for _, p in targets), "targets": len(targets)}
+
+
+# A cheaper model of the same task (distilled, int8, pruned: trained on the default's split and data) replaces the
+# default when it answers as well, not better: the int8 parity limit in source, calibration and unseen hospitals
+# held within a little, and the framing check the shipped-model tests assert.
+PARITY_ACCURACY = 0.005
+PARITY_ECE = 0.01
+PARITY_UNSEEN_TRIAGE_AUC = 0.02
+PARITY_FRAMING_RATE = 0.05
+
+
+def parity(candidate: dict, baseline: dict, candidate_card: dict, baseline_card: dict) -> dict:
+    """Does a cheaper model answer as well as the default? ``candidate``/``baseline``: their ``external --mode served``
+    results on the same sources that neither was trained on; the cards give in-source accuracy, ECE and framing."""
+    checks, ok = [], True
+
+    def check(text: str, passed: bool) -> None:
+        nonlocal ok
+        ok &= passed
+        checks.append(text + ("" if passed else ": fails"))
+
+    c_in, b_in = card_in_source(candidate_card), card_in_source(baseline_card)
+    for k in IN_SOURCE:
+        c, b = c_in.get(k), b_in.get(k)
+        check(f"{k} {_f(c)} vs {_f(b)} (at most {PARITY_ACCURACY * 100:g} point(s) lower)",
+              c is not None and b is not None and c >= b - PARITY_ACCURACY - 1e-12)
+    c, b = ((card.get("calibration") or {}).get("ece_test_after") for card in (candidate_card, baseline_card))
+    check(f"test ECE {_f(c)} vs {_f(b)} (at most {PARITY_ECE} higher)", c is not None and b is not None and c <= b + PARITY_ECE)
+    folds = sorted(f for f, m in (baseline.get("folds") or {}).items() if (m.get("triage") or {}).get("roc_auc") is not None)
+    check(f"unseen sources with a triage AUC: {', '.join(folds) or 'none'}", bool(folds))
+    for f in folds:
+        c = ((candidate.get("folds") or {}).get(f, {}).get("triage") or {}).get("roc_auc")
+        b = baseline["folds"][f]["triage"]["roc_auc"]
+        check(f"triage AUC on unseen {f} {_f(c)} vs {_f(b)} (at most {PARITY_UNSEEN_TRIAGE_AUC} lower)",
+              c is not None and c >= b - PARITY_UNSEEN_TRIAGE_AUC)
+    rate = (((candidate_card.get("framing_check") or {}).get("validation") or {}).get("1.4") or {}).get("rate")
+    check(f"healthy children framed 1.4x tighter called abnormal {_f(rate)} (below {PARITY_FRAMING_RATE})",
+          rate is not None and rate < PARITY_FRAMING_RATE)
+    return {"ships": bool(ok), "rule": "parity", "candidate": candidate.get("name"), "baseline": baseline.get("name"),
+            "checks": checks}
