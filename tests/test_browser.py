@@ -43,9 +43,10 @@ def test_sign_in_upload_result_spanish_history_worklist(browser, app, xray_paths
     wait_js(page, "document.querySelector('[data-testid=xray]').naturalWidth > 0")
     assert page.locator("[data-testid=xray]").is_visible()
     page.check("[data-testid=heatmap-toggle]")
+    # drawn from the kept class map on this first request: a busy machine may take a moment (an error never loads)
+    wait_js(page, "document.querySelector('[data-testid=heatmap]').naturalWidth > 0")
     assert page.locator("[data-testid=heatmap]").is_visible()
     assert not page.locator("[data-testid=xray]").is_visible()
-    assert page.evaluate("document.querySelector('[data-testid=heatmap]').naturalWidth") > 0
     # usable on a phone: nothing wider than the screen
     assert page.evaluate("document.documentElement.scrollWidth") <= w
     page.screenshot(path=str(artifacts / f"result-{tag}.png"), full_page=True)

@@ -256,6 +256,7 @@ def test_create_user_first_makes_the_admin(tmp_path):
 @pytest.mark.browser
 def test_pages_pass_the_content_security_policy_in_chromium(site, browser, one_xray):
     from .test_browser_doctor import _login, _upload
+    from .webapp_helpers import wait_js
 
     app, base, c, csrf = site
     ctx, page = _login(browser, base, 1280, 800, "en")
@@ -265,6 +266,7 @@ def test_pages_pass_the_content_security_policy_in_chromium(site, browser, one_x
     page.wait_for_selector("[data-testid=result]")
     if page.locator("[data-testid=heatmap-toggle]").count():
         page.click("[data-testid=heatmap-toggle]")  # an inline handler: must run under the policy
+        wait_js(page, "document.querySelector('[data-testid=heatmap]').naturalWidth > 0")  # drawn on first view
         assert page.locator("[data-testid=heatmap]").is_visible()
     for path in ("/cases", "/worklist", "/admin", "/performance", "/tokens"):
         page.goto(base + path)
