@@ -46,9 +46,8 @@ class Teacher:
         if self.clf.spec != spec:
             raise DataError(f"--teacher {path} reads its input as {self.clf.spec}, the student as {spec}: give the "
                             "student the teacher's size and preprocessing")
-        self.path = Path(path)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The teacher's raw logits (before its temperature) for a batch the student is about to see."""
-        out = self.clf.run(np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32))[0]
+        out = self.clf.run(x.detach().cpu().numpy())[0]  # run() makes it a contiguous float32 batch
         return torch.from_numpy(np.asarray(out, dtype=np.float32)).to(x.device)
