@@ -130,6 +130,30 @@ def test_cli_missing_model(tmp_path, one_xray, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+def test_a_truncated_model_file_is_a_clear_error_everywhere_it_is_loaded(tmp_path, tiny_run, one_xray, capsys):
+    """A model copied half-way (its card beside it): the server CLI, the web app and a distillation teacher say
+    so instead of failing inside ONNX Runtime."""
+    import shutil
+
+    from model_training.data.datasets import DataError
+    from model_training.training.distillation import Teacher
+    from uplink_server.model import Classifier
+    from web_app.app import load_local_model
+    from web_app.config import Settings
+
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes((tiny_run / "model.onnx").read_bytes()[:20_000])
+    shutil.copy(tiny_run / "model_card.json", tmp_path / "model_card.json")
+    assert main(["predict", str(one_xray), "--model", str(bad)]) == 2
+    assert "not a readable ONNX model" in capsys.readouterr().err
+    settings = Settings(data_dir=tmp_path / "data", database_url="sqlite://", secret_key="s", uplink_key="u", model_path=str(bad))
+    assert load_local_model(settings) is None  # the web app serves and waits for model servers
+    assert "not a readable ONNX model" in capsys.readouterr().out
+    good = Classifier(tiny_run / "model.onnx")
+    with pytest.raises(DataError, match="not a readable ONNX model"):
+        Teacher(bad, good.classes, good.spec)
+
+
 @pytest.mark.parametrize("make,code", [
     (lambda: Image.new("L", (256, 256), 128), "blank_image"),
     (lambda: Image.fromarray(np.random.default_rng(1).integers(0, 255, (256, 256, 3), dtype=np.uint8)), "color_photo"),

@@ -128,7 +128,14 @@ class OnnxBackend:
     def __init__(self, path: Path, threads: int | None = None):
         self.path = path
         self.threads = threads or _usable_cores()
-        self.sess = self._session(threads or 0)  # 0: ONNX Runtime picks (physical cores)
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+        try:
+            self.sess = self._session(threads or 0)  # 0: ONNX Runtime picks (physical cores)
+        except (ort_errors.InvalidProtobuf, ort_errors.InvalidGraph, ort_errors.Fail) as exc:
+            # a truncated copy or another file under the model's name: every caller's "no usable model" path
+            raise ModelNotFound(f"{path} is not a readable ONNX model ({exc}); copy it again or pass another "
+                                "--model") from None
         self.names = [o.name for o in self.sess.get_outputs()]
         self.input_name = self.sess.get_inputs()[0].name
         self._workers: list = []
