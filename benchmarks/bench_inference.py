@@ -98,11 +98,14 @@ def main() -> None:
             imgs = [clf.preprocess(decode(f)) for f in files]
             batch = np.stack((imgs * (args.batch // len(imgs) + 1))[: args.batch])
         ips = throughput(lambda b: clf.run(b), batch)
-        one = throughput(lambda b: clf._backend._run(clf._backend.sess, b), batch)
+        # a cascade (uplink_server.cascade) has a session per member and no single all-core session to compare
+        one = throughput(lambda b: clf._backend._run(clf._backend.sess, b), batch) if clf.cascade is None else None
         e2e = throughput(lambda b: clf.predict_batch(files[: len(b)], heatmap=False), batch)
+        alone = "" if clf.cascade is None else (f"; cascade: the first network alone on "
+                                                f"{clf.cascade.status()['share_alone']:.0%} of the films")
         print(f"onnxruntime {tag}: single image with heatmap p50 {p50:.1f} ms, p95 {p95:.1f} ms; "
-              f"batch {ips:.1f} images/s (one all-core session: {one:.1f}); "
-              f"files to results (decode + preprocess + inference + gate, no heatmap) {e2e:.1f} images/s")
+              f"batch {ips:.1f} images/s" + ("" if one is None else f" (one all-core session: {one:.1f})") +
+              f"; files to results (decode + preprocess + inference + gate, no heatmap) {e2e:.1f} images/s{alone}")
     try:
         import torch
 

@@ -15,7 +15,7 @@ for the given time, and it prints requests/s, p50/p95/p99 latency and errors.
            then counts lost cases (never written), duplicated ones (written twice) and 5xx
 
 Model servers run single-threaded (--threads 1) so that "one" and "two" use one and
-two of the machine's cores. Needs RabbitMQ on 127.0.0.1:5672 for all but ``local``.
+two of the machine's cores; ``--server-threads 2`` gives a single model server both. Needs RabbitMQ on 127.0.0.1:5672 for all but ``local``.
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ def _reachable(host: str, port: int) -> bool:
 class Stack:
     """Web nodes and model servers as child processes."""
 
-    def __init__(self, nodes: int, servers: int, local: bool, database_url: str | None = None, model: str | None = None):
+    def __init__(self, nodes: int, servers: int, local: bool, database_url: str | None = None, model: str | None = None,
+                 server_threads: int = 1):
         self.dir = Path(tempfile.mkdtemp(prefix="bench-load-"))
         self.prefix = f"bench-{uuid.uuid4().hex[:8]}"
         self.procs: list[subprocess.Popen] = []
@@ -99,7 +100,7 @@ class Stack:
         for i in range(servers):
             self.servers.append(subprocess.Popen(
                 [sys.executable, "-m", "uplink_server", "connect", "--broker", BROKER, "--broker-prefix", self.prefix,
-                 "--name", f"ms{i + 1}", "--threads", "1"] + (["--model", model] if model else []), env=env, cwd=REPO,
+                 "--name", f"ms{i + 1}", "--threads", str(server_threads)] + (["--model", model] if model else []), env=env, cwd=REPO,
                 stdout=open(self.dir / f"ms{i + 1}.log", "w"), stderr=subprocess.STDOUT))
         self.procs += self.servers
         self.token = self._token(self.bases[0])
@@ -308,7 +309,7 @@ def run(name: str, args, images, nodes=1, servers=0, local=False, kill=False) ->
     db = PG if nodes > 1 and _reachable("127.0.0.1", 5432) else None
     if db:
         _reset_postgres()
-    stack = Stack(nodes, servers, local, db, args.model)
+    stack = Stack(nodes, servers, local, db, args.model, args.server_threads)
     try:
         asyncio.run(load(stack.bases, stack.token, images, min(args.clients, 8), 3))  # warm up
         killed = {}
@@ -370,6 +371,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--scenarios", default="local,broker1,broker2,nodes2,kill")
     ap.add_argument("--model", default=None, help="model file for every server (default: the shipped one)")
+    ap.add_argument("--server-threads", type=int, default=1,
+                    help="--threads of each model server (1: one core each, one batch at a time; 2: both cores of "
+                         "this machine, two batches at a time)")
     ap.add_argument("--gil", action="store_true", help="with --py-spy: sample only the thread holding the GIL")
     ap.add_argument("--py-spy", default="", metavar="PREFIX",
                     help="record the web process with py-spy (collapsed stacks in PREFIX-SCENARIO.txt) and print its top functions")

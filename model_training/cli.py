@@ -1,4 +1,4 @@
-"""Command line: ``python -m model_training {train,finish,evaluate,compare,release,release-int8,quantize,fit-gate,triage,archs,...}``."""
+"""Command line: ``python -m model_training {train,finish,evaluate,compare,release,release-int8,release-cascade,quantize,fit-gate,triage,archs,...}``."""
 
 from __future__ import annotations
 
@@ -125,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     r8.add_argument("--name", default="cxr-screen")
     r8.add_argument("--out", default="weights")
     _add_float_head(r8)
+    rc = sub.add_parser("release-cascade", help="serve a shipped ensemble as a cascade (its first network alone when "
+                                                "it is sure); kept only if it passes the parity rule against the ensemble")
+    rc.add_argument("--name", default="cxr-screen")
+    rc.add_argument("--out", default="weights")
+    rc.add_argument("--unseen", default="nih+tb", help="sources the ensemble never saw, for the parity rule's triage check")
+    rc.add_argument("--no-progress", action="store_true")
     fn = sub.add_parser("finish", help="calibrate, export and write the card of a run whose training ended but whose export did not")
     fn.add_argument("--run", required=True)
     en = sub.add_parser("ensemble", help="merge models trained on the same split into one ONNX file, calibrated and "
@@ -266,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
             from .release.release import release_int8
 
             print(json.dumps(release_int8(Path(args.out), args.name, float_head=args.float_head_convs), indent=2))
+        elif args.cmd == "release-cascade":
+            from .release.cascade import release_cascade
+
+            section = release_cascade(Path(args.out), args.name, args.unseen, progress=not args.no_progress)
+            print(json.dumps({k: section.get(k) for k in ("shipped", "why_not", "exit_probability", "validation", "parity")},
+                             indent=2))
         elif args.cmd == "finish":
             from .training.train import finish
 

@@ -63,6 +63,29 @@ def tiny_run(tmp_path_factory, data_root) -> Path:
 
 
 @pytest.fixture(scope="session")
+def second_run(tiny_run, tmp_path_factory) -> Path:
+    """Another tiny model on exactly the tiny run's split (its manifest as data), with another seed."""
+    pytest.importorskip("torch")
+    from model_training.cli import main
+
+    out = tmp_path_factory.mktemp("second_run")
+    assert main(["train", "--data", str(tiny_run / "splits.csv"), "--arch", "efficientnet_lite0", "--pretrained", "imagenet",
+                 "--img-size", "64", "--epochs", "1", "--batch-size", "8", "--workers", "0", "--seed", "1",
+                 "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def ensemble_run(tiny_run, second_run, tmp_path_factory) -> Path:
+    from model_training.cli import main
+
+    out = tmp_path_factory.mktemp("ensemble")
+    assert main(["ensemble", "--models", str(tiny_run / "model.onnx"), str(second_run / "model.onnx"),
+                 "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_run) -> Path:
     return tiny_run / "model.onnx"
 

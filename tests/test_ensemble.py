@@ -16,24 +16,6 @@ from model_training.cli import main  # noqa: E402
 from model_training.release.ensemble import WEIGHT_BUDGET_BYTES  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def second_run(tiny_run, tmp_path_factory) -> Path:
-    """Another tiny model on exactly the tiny run's split (its manifest as data), with another seed."""
-    out = tmp_path_factory.mktemp("second_run")
-    assert main(["train", "--data", str(tiny_run / "splits.csv"), "--arch", "efficientnet_lite0", "--pretrained", "imagenet",
-                 "--img-size", "64", "--epochs", "1", "--batch-size", "8", "--workers", "0", "--seed", "1",
-                 "--out", str(out), "--no-progress"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def ensemble_run(tiny_run, second_run, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ensemble")
-    assert main(["ensemble", "--models", str(tiny_run / "model.onnx"), str(second_run / "model.onnx"),
-                 "--out", str(out), "--no-progress"]) == 0
-    return out
-
-
 def _outputs(path: Path, x: np.ndarray) -> dict:
     import onnxruntime as ort
 

@@ -54,6 +54,33 @@ def test_concurrent_requests_share_batches_and_keep_their_results(classifier, xr
         assert g.heatmap_png and g.heatmap.shape == e.heatmap.shape and np.abs(g.heatmap - e.heatmap).max() < 1e-4
 
 
+def test_two_batches_in_the_model_at_once_keep_every_result_and_the_limits(classifier, xray_paths):
+    """With two runs, a burst is served by batches that overlap in the model (never more than two), each
+    request still gets its own image's answer, and a model held to one core runs one batch at a time."""
+    from uplink_server.batching import DynamicBatcher
+    from uplink_server.model import Classifier
+
+    files = [p for k in ("kermany_normal", "kermany_pneumonia", "covid", "adult_normal") for p in xray_paths[k]] * 3
+    expected = {p.name: classifier.predict(p, heatmap=False) for p in files}
+    batcher = DynamicBatcher(classifier, max_batch=2, max_delay_ms=0, runs=2)
+
+    async def burst():
+        return await asyncio.gather(*(batcher.predict(p.read_bytes(), p.name, heatmap=False) for p in files))
+
+    got = asyncio.run(burst())
+    assert batcher.status()["concurrent_runs"] == 2 and 1 <= batcher.peak_runs <= 2
+    assert max(batcher.batch_sizes) <= 2 and batcher.served == len(files)
+    for p, g in zip(files, got):
+        assert g.file == p.name and g.label == expected[p.name].label
+        assert abs(g.probabilities["normal"] - expected[p.name].probabilities["normal"]) < 1e-5
+    # two runs overlapped at some point of a burst of 48 requests in batches of at most 2
+    assert batcher.peak_runs == 2
+    one_core = DynamicBatcher(Classifier(classifier.path, threads=1))
+    assert one_core.runs == 1 and DynamicBatcher(classifier).runs == 2
+    with pytest.raises(ValueError):
+        DynamicBatcher(classifier, runs=0)
+
+
 def test_one_request_on_an_idle_server_runs_alone_and_bad_input_is_refused(classifier, one_xray):
     from uplink_server.batching import DynamicBatcher
 

@@ -198,7 +198,7 @@ def test_serving_does_not_import_torch(tiny_model, one_xray):
 def test_sessions_run_on_an_accelerator_or_the_cpu_never_a_remote_provider(classifier):
     """onnxruntime lists the AzureExecutionProvider first; a session led by it looked like a GPU one, so batches
     were never split over the per-core sessions."""
-    from uplink_server.model import execution_providers
+    from uplink_server.onnx_backend import execution_providers
 
     providers = classifier._backend.sess.get_providers()
     assert "AzureExecutionProvider" not in providers and providers[-1] == "CPUExecutionProvider"

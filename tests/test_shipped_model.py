@@ -30,12 +30,18 @@ def test_card_is_complete_and_honest():
     assert "not a diagnosis" in card["intended_use"]
 
 
-def test_evaluate_reproduces_the_card_on_kermany_test(data_root):
+@pytest.fixture(scope="module")
+def kermany_test_whole(data_root) -> dict:
+    """The shipped model on the Kermany official test, every network for every film (as its card's evaluation)."""
     pytest.importorskip("sklearn")
     from model_training.evaluation.evaluate import evaluate
 
+    return evaluate(default_model_path(), ["public"], "auto", progress=False, cascade=False)
+
+
+def test_evaluate_reproduces_the_card_on_kermany_test(kermany_test_whole):
     card = json.loads(find_card(default_model_path()).read_text())["evaluation"]["kermany_official_test"]
-    res = evaluate(default_model_path(), ["public"], "auto", progress=False)
+    res = kermany_test_whole
     assert res["n"] == 624 == card["n"]
     assert res["confusion_matrix"] == card["confusion_matrix"]
     assert abs(res["accuracy"] - card["accuracy"]) < 1e-9
@@ -59,6 +65,25 @@ def test_shipped_model_does_not_read_tight_framing_as_pneumonia(data_root):
     x = np.stack([clf.preprocess(replace(im, gray=tighter(im.gray, 1.4))) for im in map(decode, (r.path for r in normals))])
     called = clf.probabilities(clf.run(x)[0]).argmax(1)
     assert (called != clf.classes.index("normal")).sum() <= 2
+
+
+def test_the_shipped_cascade_answers_as_the_ensemble(kermany_test_whole, one_xray):
+    """What the server runs by default where the card ships a cascade (uplink_server.cascade): its numbers are
+    the card's, and it gives the ensemble's class on nearly every film at about half the cost."""
+    from model_training.evaluation.evaluate import evaluate
+
+    card = json.loads(find_card(default_model_path()).read_text())
+    c = card.get("cascade") or {}
+    if not c.get("shipped"):
+        assert Classifier().cascade is None
+        pytest.skip("the shipped model has no cascade")
+    res = evaluate(default_model_path(), ["public"], "auto", progress=False)
+    assert res["accuracy"] == pytest.approx(c["evaluation"]["kermany_official_test"]["accuracy"], abs=1e-9)
+    same = np.mean([a["predicted"] == b["predicted"] for a, b in zip(res["predictions"], kermany_test_whole["predictions"])])
+    assert same >= 0.99
+    clf = Classifier()
+    pred = clf.predict(one_xray)
+    assert not pred.refused and clf.cascade.status()["films"] == 1
 
 
 def test_default_model_is_served(one_xray):

@@ -78,7 +78,8 @@ def cmd_connect(args) -> int:
     from .batching import DynamicBatcher
 
     try:
-        batcher = DynamicBatcher(clf, args.max_batch, args.batch_delay_ms)
+        # one batch at a time: fed by a broker or a websocket, two runs made smaller batches and fewer answers/s
+        batcher = DynamicBatcher(clf, args.max_batch, args.batch_delay_ms, runs=1)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -120,7 +121,11 @@ def cmd_info(args) -> int:
                       "preprocessing": clf.spec.to_dict(), "temperature": clf.temperature,
                       "uncertainty": {"rule": clf.uncertainty.rule, "threshold": clf.uncertainty.threshold},
                       "triage": {"threshold": clf.triage.threshold, "rule": clf.triage.source},
-                      "ood_gate": clf.gate is not None}, indent=2))
+                      "ood_gate": clf.gate is not None,
+                      # an ensemble served first-network-first (uplink_server.cascade); None: every network, every film
+                      "cascade": None if clf.cascade is None else {
+                          "members": [str(p) for p in (clf.cascade.first.path, *(o.path for o in clf.cascade.others))],
+                          "exit_probability": clf.cascade.rule.exit_probability}}, indent=2))
     return 0
 
 

@@ -44,3 +44,7 @@ class Refusal(Exception):
 
     def to_dict(self) -> dict:
         return {"code": self.code, "message": self.message}
+
+
+class ModelNotFound(FileNotFoundError):
+    """No usable model: its file or card is missing, or the file is not a readable model."""

@@ -5,16 +5,17 @@ from __future__ import annotations
 import base64
 import json
 import os
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from . import cascade as cascade_serving
 from . import gradcam, ood
-from .errors import Refusal
+from .errors import ModelNotFound, Refusal
 from .imaging import DecodedImage, decode
+from .onnx_backend import OnnxBackend
 from .preprocessing import PreprocessSpec, preprocess, view_box
 from .stages import stage
 from .triage import TriageRule
@@ -23,10 +24,6 @@ from .uncertainty import UncertaintyRule, margin
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS_DIR = REPO_ROOT / "weights"
 DEFAULT_MODEL_NAME = "cxr-screen.onnx"
-
-
-class ModelNotFound(FileNotFoundError):
-    pass
 
 
 def default_model_path() -> Path:
@@ -93,88 +90,6 @@ class Prediction:
         }
 
 
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # honours taskset/cpuset limits, unlike cpu_count
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
-# Accelerators first, the CPU always last. Not "whatever is available": recent onnxruntime wheels list the
-# AzureExecutionProvider (remote inference) first, which made every session look like a non-CPU one.
-PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "ROCMExecutionProvider", "DmlExecutionProvider",
-                       "CoreMLExecutionProvider", "CPUExecutionProvider")
-
-
-def execution_providers() -> list[str]:
-    import onnxruntime as ort
-
-    available = set(ort.get_available_providers())
-    return [p for p in PREFERRED_PROVIDERS if p in available] or ["CPUExecutionProvider"]
-
-
-class OnnxBackend:
-    """ONNX Runtime sessions behind ``backend(x) -> (logits, cam|None, embedding|None)``.
-
-    A single image runs in one session using every core (lowest latency). A
-    batch is split across one single-threaded session per core: on 2 cores this
-    matched one 2-thread session on an idle machine and gave about 20 % more
-    images/s while training shared the CPU (EfficientNet's small depthwise
-    convolutions parallelise poorly inside one run; benchmarks/bench_inference.py).
-    """
-
-    MAX_WORKERS = 8
-
-    def __init__(self, path: Path, threads: int | None = None):
-        self.path = path
-        self.threads = threads or _usable_cores()
-        from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
-
-        try:
-            self.sess = self._session(threads or 0)  # 0: ONNX Runtime picks (physical cores)
-        except (ort_errors.InvalidProtobuf, ort_errors.InvalidGraph, ort_errors.Fail) as exc:
-            # a truncated copy or another file under the model's name: every caller's "no usable model" path
-            raise ModelNotFound(f"{path} is not a readable ONNX model ({exc}); copy it again or pass another "
-                                "--model") from None
-        self.names = [o.name for o in self.sess.get_outputs()]
-        self.input_name = self.sess.get_inputs()[0].name
-        self._workers: list = []
-        self._pool = None
-        self._lock = threading.Lock()
-
-    def _session(self, threads: int):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # a server shares its cores with decoding, heatmaps and the web app: idle
-        # threads must sleep, not spin (spinning cost a third of the CPU under load)
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return ort.InferenceSession(str(self.path), sess_options=opts, providers=execution_providers())
-
-    def _run(self, sess, x: np.ndarray):
-        outs = dict(zip(self.names, sess.run(None, {self.input_name: x})))
-        return outs.get("logits", outs[self.names[0]]), outs.get("cam"), outs.get("embedding")
-
-    def _start_workers(self) -> None:
-        with self._lock:
-            if self._pool is None:
-                from concurrent.futures import ThreadPoolExecutor
-
-                n = min(self.threads, self.MAX_WORKERS)
-                self._workers = [self._session(1) for _ in range(n)] if n > 1 else []
-                self._pool = ThreadPoolExecutor(max(1, n), thread_name_prefix="onnx")
-
-    def __call__(self, x: np.ndarray):
-        if len(x) < 2 or self.threads < 2 or "CPUExecutionProvider" != self.sess.get_providers()[0]:
-            return self._run(self.sess, x)  # one image, one core, or a GPU: one session
-        self._start_workers()
-        chunks = np.array_split(x, min(len(self._workers), len(x)))
-        parts = list(self._pool.map(lambda wc: self._run(*wc), zip(self._workers, chunks)))
-        return tuple(None if p[0] is None else np.concatenate(p) for p in zip(*parts))
-
-
 @dataclass
 class Prepared:
     """One upload between ``Classifier.prepare`` and ``Classifier.finish``."""
@@ -191,13 +106,16 @@ class Classifier:
     ``predict`` never raises on bad input: it returns a refused Prediction.
     """
 
-    def __init__(self, model_path: str | Path | None = None, card: dict | None = None, threads: int | None = None):
+    def __init__(self, model_path: str | Path | None = None, card: dict | None = None, threads: int | None = None,
+                 cascade: bool = True):
+        """``cascade=False`` serves an ensemble whole even where its card ships a cascade (``uplink_server.cascade``)."""
         path = Path(model_path) if model_path else default_model_path()
         if not path.is_file():
             raise ModelNotFound(
                 f"model file {path} not found. Train one (python -m model_training train ...) or pass --model PATH."
             )
         self.path = path
+        self.threads = threads
         if card is None:
             card_path = find_card(path)
             if card_path is None:
@@ -225,7 +143,11 @@ class Classifier:
         ood_file = card.get("ood", {}).get("file")
         if ood_file and (self.card_dir / ood_file).is_file():
             self.gate = ood.XrayGate.load(self.card_dir / ood_file)
-        self._backend = self._load_backend(path, threads)
+        self.cascade = None
+        loaded = cascade_serving.load(card, self.card_dir, self.gate, threads) if cascade and path.suffix == ".onnx" else None
+        if loaded is not None:
+            self.cascade, self.gate = loaded
+        self._backend = self.cascade or self._load_backend(path, threads)
 
     # --- backends ---------------------------------------------------------------
     def _load_backend(self, path: Path, threads: int | None):

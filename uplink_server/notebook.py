@@ -17,7 +17,7 @@ from .model import Classifier
 
 def accelerator(classifier: Classifier) -> str:
     """Where the model runs, in words: the ONNX Runtime provider, or TensorFlow's device for a Keras model."""
-    backend = classifier._backend
+    backend = classifier.cascade.first if classifier.cascade is not None else classifier._backend  # ONNX sessions too
     sess = getattr(backend, "sess", None)
     if sess is not None:
         provider = sess.get_providers()[0]

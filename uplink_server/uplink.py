@@ -41,7 +41,7 @@ class UplinkClient:
         self.url = ws_url(url)
         self.key = key
         # concurrent requests share model runs
-        self.batcher = classifier if isinstance(classifier, DynamicBatcher) else DynamicBatcher(classifier)
+        self.batcher = classifier if isinstance(classifier, DynamicBatcher) else DynamicBatcher(classifier, runs=1)
         self.classifier = self.batcher.classifier
         self.max_concurrency = max(1, max_concurrency)
         self.name = name or socket.gethostname()

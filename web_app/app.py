@@ -98,7 +98,7 @@ def create_app(settings: Settings | None = None, classifier="auto") -> FastAPI:
     local = load_local_model(settings) if classifier == "auto" else classifier
     router = ModelRouter(local, timeout=settings.uplink_timeout_s, max_batch=settings.max_batch,
                          max_delay_ms=settings.batch_delay_ms, max_waiting=settings.max_queue,
-                         queue_wait_s=settings.queue_wait_s)
+                         queue_wait_s=settings.queue_wait_s, model_runs=settings.model_runs or None)
 
     @asynccontextmanager
     async def lifespan(app):

@@ -33,6 +33,7 @@ class Settings:
     clinic_name: str = ""  # printed on reports  # this web node's name: its result queue; stable across restarts
     batch_delay_ms: float = 5.0
     model_threads: int = 0  # the in-process model's ONNX Runtime threads; 0: one per physical core
+    model_runs: int = 0  # batches in the in-process model at once; 0: two, one when model_threads is 1
     max_queue: int = 48  # uploads waiting for a model at once; beyond: pending case + 503 Retry-After
     queue_wait_s: float = 20.0  # longest wait for the in-process model before the same
     resume_interval_s: float = 5.0  # how often pending cases are tried again when a model is free
@@ -83,6 +84,7 @@ class Settings:
             clinic_name=os.environ.get("CXR_CLINIC_NAME", ""),
             batch_delay_ms=float(os.environ.get("CXR_BATCH_DELAY_MS", "5")),
             model_threads=int(os.environ.get("CXR_MODEL_THREADS", "0")),
+            model_runs=int(os.environ.get("CXR_MODEL_RUNS", "0")),
             trusted_proxies=os.environ.get("CXR_TRUSTED_PROXIES", ""),
             dicom_port=int(os.environ.get("CXR_DICOM_PORT", "0")),
             dicom_ae_title=os.environ.get("CXR_DICOM_AE_TITLE", "CXRSCREEN"),

@@ -110,8 +110,9 @@ class UplinkConnection:
 
 class ModelRouter:
     def __init__(self, local=None, timeout: float = 60.0, max_batch: int = DEFAULT_MAX_BATCH,
-                 max_delay_ms: float = DEFAULT_MAX_DELAY_MS, max_waiting: int = 48, queue_wait_s: float = 20.0):
-        self.max_batch, self.max_delay_ms = max_batch, max_delay_ms
+                 max_delay_ms: float = DEFAULT_MAX_DELAY_MS, max_waiting: int = 48, queue_wait_s: float = 20.0,
+                 model_runs: int | None = None):
+        self.max_batch, self.max_delay_ms, self.model_runs = max_batch, max_delay_ms, model_runs
         # back-pressure: at most this many uploads wait for a model at once, each at most queue_wait_s; beyond
         # that the upload is kept as a pending case and the client told to come back (never an unbounded queue)
         self.max_waiting, self.queue_wait_s = max_waiting, queue_wait_s
@@ -130,7 +131,8 @@ class ModelRouter:
     @local.setter
     def local(self, classifier) -> None:
         self._local = classifier
-        self.batcher = None if classifier is None else DynamicBatcher(classifier, self.max_batch, self.max_delay_ms)
+        self.batcher = None if classifier is None else DynamicBatcher(classifier, self.max_batch, self.max_delay_ms,
+                                                                      runs=self.model_runs)
 
     def status(self) -> dict:
         return {

@@ -83,9 +83,10 @@ def predict_validation(model_path: Path, data: str | None = None, progress: bool
 
 
 def evaluate(model_path: str | Path, data: list[str], split: str = "auto", out: Path | None = None,
-             batch_size: int = 32, progress: bool = True, zoom: float = 1.0) -> dict:
-    """``zoom`` > 1 is the framing stress test: every image cropped that much tighter before preprocessing."""
-    clf = Classifier(model_path)
+             batch_size: int = 32, progress: bool = True, zoom: float = 1.0, cascade: bool = True) -> dict:
+    """``zoom`` > 1 is the framing stress test: every image cropped that much tighter before preprocessing.
+    ``cascade=False``: an ensemble whole, where its card ships a cascade (uplink_server.cascade)."""
+    clf = Classifier(model_path, cascade=cascade)
     records = []
     for spec in data:
         records.extend(load_spec(spec))

@@ -380,7 +380,7 @@ def full(records: list[Record], cfg, out: Path, only: list[str] | None = None, p
     return report
 
 
-def served(model_path: Path, records: list[Record], out: Path, progress: bool = True) -> dict:
+def served(model_path: Path, records: list[Record], out: Path, progress: bool = True, cascade: bool = True) -> dict:
     """A shipped model on sources it was never trained on, each one a held-out fold: the same numbers as a LOSO
     fold, for a model whose training data simply lacked them (1.5.0 on nih/ and tb/). Sources that the model's
     own splits manifest lists are refused: those are not held out."""
@@ -389,7 +389,7 @@ def served(model_path: Path, records: list[Record], out: Path, progress: bool = 
     from ..data.datasets import load_spec, splits_beside
     from .evaluate import predict_records
 
-    clf = Classifier(model_path)
+    clf = Classifier(model_path, cascade=cascade)
     spl = splits_beside(Path(model_path))
     seen = {r.source for r in load_spec(str(spl))} if spl else set()
     overlap = sorted({r.source for r in records} & seen)
