@@ -198,6 +198,22 @@ def test_release_cascade_judges_it_against_the_ensemble_and_serves_what_it_keeps
     assert printed["shipped"] == c["shipped"] and printed["exit_probability"] == c["exit_probability"]
 
 
+def test_a_release_cascade_that_stops_half_way_leaves_the_weights_as_they_were(shipped, tmp_path, capsys):
+    """Judging against sources the ensemble was trained on is refused after the members are written: the card
+    and the folder are left as they were, so nothing unjudged is served."""
+    from uplink_server.model import Classifier
+
+    out = _copy(shipped, tmp_path / "w")
+    card_before = (out / "tiny.card.json").read_text()
+    files_before = sorted(f.name for f in out.iterdir())
+    assert main(["release-cascade", "--name", "tiny", "--out", str(out), "--unseen", str(out / "tiny.splits.csv"),
+                 "--no-progress"]) == 2
+    assert "not held out" in capsys.readouterr().err
+    assert (out / "tiny.card.json").read_text() == card_before
+    assert sorted(f.name for f in out.iterdir()) == files_before
+    assert Classifier(out / "tiny.onnx").cascade is None
+
+
 def test_a_shipped_cascade_serves_by_default_and_the_full_ensemble_on_request(members, tmp_path, xray_paths,
                                                                                monkeypatch, capsys):
     from uplink_server.cascade import CascadeGate

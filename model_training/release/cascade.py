@@ -125,6 +125,20 @@ def release_cascade(out: Path, name: str, unseen: str = UNSEEN_DEFAULT, progress
         raise DataError(f"{splits} needs validation and test images to choose and judge a cascade")
     unseen_records = load_spec(unseen)
 
+    # a run that stops half-way (an error, Ctrl-C) leaves the weights folder as it was: nothing unjudged is served
+    before = card_path.read_text()
+    made = [f for f in (*member_files(out, name, n), out / f"{name}.cascade.ood.npz") if not f.exists()]
+    try:
+        return _make_and_judge(out, name, model, card, card_path, by_split, unseen_records, progress, seed)
+    except BaseException:
+        for f in made:
+            f.unlink(missing_ok=True)
+        card_path.write_text(before)
+        raise
+
+
+def _make_and_judge(out: Path, name: str, model: Path, card: dict, card_path: Path, by_split: dict, unseen_records,
+                    progress: bool, seed: int) -> dict:
     members = write_members(model, out, name)
     whole = Classifier(model, cascade=False)
     if whole.gate is None:
@@ -155,6 +169,7 @@ def release_cascade(out: Path, name: str, unseen: str = UNSEEN_DEFAULT, progress
     card["cascade"] = section
     card_path.write_text(json.dumps(card, indent=2) + "\n")
 
+    splits = out / f"{name}.splits.csv"
     public = evaluate(model, ["public"], "auto", progress=progress)
     run_test = evaluate(model, [str(splits)], "test", progress=progress)
     framing, _ = framing_checks(_framing_evaluations(model, splits, public, progress))
