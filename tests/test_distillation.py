@@ -69,8 +69,8 @@ def test_a_student_taught_by_a_model_answers_more_like_it_than_one_taught_by_lab
         runs[name] = out / "model.onnx"
     films = [p for paths in xray_paths.values() for p in paths]
     labels, taught = (_kl_to_teacher(runs[n], teacher, films) for n in ("labels", "taught"))
-    # the session's tiny teacher differs between sessions (time-seeded augmentation): 0.2-0.6 of labels' KL seen
-    assert taught < 0.75 * labels, (taught, labels)
+    # 0.29 with the session's tiny teacher, now the same in every session (its augmentation is seeded by the run)
+    assert taught < 0.5 * labels, (taught, labels)
     card = json.loads((tmp_path / "taught" / "model_card.json").read_text())
     assert card["training"]["config"]["teacher"] == str(teacher)
     assert card["training"]["config"]["distill_weight"] == 1.0

@@ -93,8 +93,10 @@ class XrayDataset(Dataset):
     def __getitem__(self, i):
         r = self.records[i]
         if self.augment_cfg is not None and self._aug is None:
+            # a worker gets torch's seed for it (drawn from the run's seed for every epoch's workers, so they differ
+            # by epoch and worker, and the same command draws the same ones); in the main process the run's seed
             info = torch.utils.data.get_worker_info()
-            self._aug = Augmenter(self.augment_cfg, seed=self.seed * 1000 + (info.id if info else 0) + int(time.time()))
+            self._aug = Augmenter(self.augment_cfg, seed=info.seed if info else self.seed)
         return torch.from_numpy(load_input(r.path, self.spec, self._aug)), self.index[r.label]
 
 
