@@ -266,3 +266,27 @@ def test_a_shipped_cascade_serves_by_default_and_the_full_ensemble_on_request(me
     with pytest.warns(UserWarning, match="tiny.m1.onnx is missing"):
         partial = Classifier(out / "tiny.onnx")
     assert partial.cascade is None and not partial.predict(xray_paths["covid"][0]).refused
+
+
+def test_the_admin_page_shows_how_many_films_the_first_network_answered_alone(members, tmp_path, xray_paths):
+    """An operator sees the cascade at work on the admin page (and in /healthz): the share of films answered by
+    the first network alone, here every one (exit probability 0)."""
+    from uplink_server.model import Classifier
+
+    from .webapp_helpers import live_app, new_token, sign_in
+
+    out = tmp_path / "w"
+    shutil.copytree(members, out)
+    card = json.loads((out / "tiny.card.json").read_text())
+    card["cascade"] = {"members": ["tiny.m0.onnx", "tiny.m1.onnx"], "first_temperature": card["members"][0]["temperature"],
+                       "exit_probability": 0.0, "ood": {"file": "tiny.cascade.ood.npz"}, "shipped": True}
+    (out / "tiny.card.json").write_text(json.dumps(card))
+    with live_app(tmp_path / "d", classifier=Classifier(out / "tiny.onnx")) as (app, base):
+        c, csrf = sign_in(base)
+        assert "answered by the first network alone" not in c.get("/admin").text  # nothing served yet
+        auth = {"Authorization": f"Bearer {new_token(c, csrf)}"}
+        film = xray_paths["covid"][0]
+        assert c.post("/api/v1/predict", files={"file": (film.name, film.read_bytes(), "image/jpeg")},
+                      headers=auth).status_code == 200
+        assert "answered by the first network alone 100 %" in c.get("/admin").text
+        assert c.get("/healthz").json()["local"]["batching"]["cascade"]["answered_by_first_network_alone"] == 1

@@ -109,6 +109,7 @@ STRINGS: dict[str, dict[str, str]] = {
     "in_flight": {"en": "In progress", "es": "En curso"},
     "batches": {"en": "batches", "es": "lotes"},
     "mean_batch": {"en": "mean batch", "es": "lote medio"},
+    "first_network_alone": {"en": "answered by the first network alone", "es": "respondidas solo por la primera red"},
     "audit_log": {"en": "Audit log", "es": "Registro de auditoría"},
     "action": {"en": "Action", "es": "Acción"},
     "all": {"en": "All", "es": "Todas"},
