@@ -71,6 +71,17 @@ def _gate(folder: Path):
     return CascadeGate(ood.XrayGate.load(folder / "tiny.cascade.ood.npz"), ood.XrayGate.load(folder / "tiny.ood.npz"))
 
 
+def _ship_cascade(members: Path, out: Path) -> dict:
+    """A copy of ``members`` whose card ships a cascade with exit probability 0 (every film the first network's);
+    returns the card."""
+    _copy(members, out)
+    card = json.loads((out / "tiny.card.json").read_text())
+    card["cascade"] = {"members": ["tiny.m0.onnx", "tiny.m1.onnx"], "first_temperature": card["members"][0]["temperature"],
+                       "exit_probability": 0.0, "ood": {"file": "tiny.cascade.ood.npz"}, "shipped": True}
+    (out / "tiny.card.json").write_text(json.dumps(card))
+    return card
+
+
 def _films(xray_paths, size: int = 64) -> np.ndarray:
     from uplink_server.imaging import decode
     from uplink_server.preprocessing import PreprocessSpec, preprocess
@@ -221,11 +232,7 @@ def test_a_shipped_cascade_serves_by_default_and_the_full_ensemble_on_request(me
     from uplink_server.model import Classifier
 
     out = tmp_path / "w"
-    shutil.copytree(members, out)
-    card = json.loads((out / "tiny.card.json").read_text())
-    card["cascade"] = {"members": ["tiny.m0.onnx", "tiny.m1.onnx"], "first_temperature": card["members"][0]["temperature"],
-                       "exit_probability": 0.0, "ood": {"file": "tiny.cascade.ood.npz"}, "shipped": True}
-    (out / "tiny.card.json").write_text(json.dumps(card))
+    card = _ship_cascade(members, out)
 
     clf = Classifier(out / "tiny.onnx")
     assert clf.cascade is not None and isinstance(clf.gate, CascadeGate)
@@ -276,11 +283,7 @@ def test_the_admin_page_shows_how_many_films_the_first_network_answered_alone(me
     from .webapp_helpers import live_app, new_token, sign_in
 
     out = tmp_path / "w"
-    shutil.copytree(members, out)
-    card = json.loads((out / "tiny.card.json").read_text())
-    card["cascade"] = {"members": ["tiny.m0.onnx", "tiny.m1.onnx"], "first_temperature": card["members"][0]["temperature"],
-                       "exit_probability": 0.0, "ood": {"file": "tiny.cascade.ood.npz"}, "shipped": True}
-    (out / "tiny.card.json").write_text(json.dumps(card))
+    _ship_cascade(members, out)
     with live_app(tmp_path / "d", classifier=Classifier(out / "tiny.onnx")) as (app, base):
         c, csrf = sign_in(base)
         assert "answered by the first network alone" not in c.get("/admin").text  # nothing served yet
