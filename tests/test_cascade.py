@@ -209,6 +209,20 @@ def test_release_cascade_judges_it_against_the_ensemble_and_serves_what_it_keeps
     assert printed["shipped"] == c["shipped"] and printed["exit_probability"] == c["exit_probability"]
 
 
+def test_release_cascade_refuses_what_has_no_cascade_to_serve(tiny_run, tmp_path, capsys):
+    """A folder without the shipped model, or a single network: a clear error, nothing written."""
+    from model_training.release.release import release
+
+    assert main(["release-cascade", "--name", "tiny", "--out", str(tmp_path / "empty"), "--no-progress"]) == 2
+    assert "no shipped model 'tiny'" in capsys.readouterr().err
+    single = tmp_path / "single"
+    release(tiny_run, "tiny", single, "0.0.1", quantize=False, progress=False)
+    files_before = sorted(f.name for f in single.iterdir())
+    assert main(["release-cascade", "--name", "tiny", "--out", str(single), "--no-progress"]) == 2
+    assert "is not an ensemble" in capsys.readouterr().err
+    assert sorted(f.name for f in single.iterdir()) == files_before
+
+
 def test_a_release_cascade_that_stops_half_way_leaves_the_weights_as_they_were(shipped, tmp_path, capsys):
     """Judging against sources the ensemble was trained on is refused after the members are written: the card
     and the folder are left as they were, so nothing unjudged is served."""
